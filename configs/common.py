@@ -1,0 +1,165 @@
+"""Shared config pieces: argument parsing, the size table and the base config.
+
+A config file's `get_config(arg)` takes "VARIANT[,key=value,...]", e.g.
+`configs/flash.py:tiny` or `configs/flash.py:small,runlocal`. Anything else on
+the command line goes through ml_collections overrides
+(`--config.train.total_steps=200`), which reject unknown keys.
+"""
+
+import ml_collections
+
+# Width, depth and heads of each named size, per model family. The Pro teacher
+# is larger than the Flash student at every size.
+#   vision: (width, depth, heads, mlp_dim, patch)
+#   lm:     (width, depth, heads, kv_heads, head_dim, mlp_dim)
+SIZES = {
+    'flash': {
+        'tiny': dict(vision=(64, 2, 2, 128, 8), lm=(128, 2, 4, 2, 32, 256)),
+        'small': dict(vision=(256, 4, 4, 1024, 8), lm=(384, 6, 6, 2, 64, 1536)),
+        'base': dict(vision=(768, 12, 12, 3072, 16), lm=(1024, 16, 16, 4, 64, 4096)),
+        '7b': dict(vision=(1024, 24, 16, 4096, 14), lm=(4096, 32, 32, 8, 128, 13312)),
+    },
+    'pro': {
+        'tiny': dict(vision=(96, 2, 2, 192, 8), lm=(192, 3, 6, 2, 32, 384)),
+        'small': dict(vision=(384, 6, 6, 1536, 8), lm=(640, 8, 10, 2, 64, 2560)),
+        'base': dict(vision=(1024, 16, 16, 4096, 16), lm=(1536, 20, 24, 8, 64, 6144)),
+        '7b': dict(vision=(1280, 32, 16, 5120, 14), lm=(5120, 40, 40, 8, 128, 17920)),
+    },
+}
+
+# Input resolution, text budget and batch per size. Image tokens = (image/patch)^2.
+SIZE_DATA = {
+    'tiny': dict(image_size=32, max_text_len=48, batch_size=16, vocab_size=1024),
+    'small': dict(image_size=64, max_text_len=48, batch_size=256, vocab_size=1024),
+    'base': dict(image_size=224, max_text_len=64, batch_size=256, vocab_size=1024),
+    # A 7B-class shape for systems benchmarks (random weights): a realistic vocab.
+    '7b': dict(image_size=224, max_text_len=64, batch_size=64, vocab_size=32000),
+}
+
+# Logical axis -> mesh axis. Layers only name logical axes; another sharding
+# scheme is another table, not a code change.
+LOGICAL_AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('vocab', 'tensor'),
+    ('patch', None),
+    ('length', None),
+)
+
+
+def parse_arg(arg, valid_variants, **defaults):
+  """Parses "variant,key=value,flag" into a ConfigDict of typed fields."""
+  fields = dict(defaults)
+  parts = [p for p in (arg or '').split(',') if p]
+  if not parts:
+    raise ValueError(f'Config needs a variant, one of {sorted(valid_variants)}; '
+                     'e.g. configs/flash.py:tiny')
+  variant, *rest = parts
+  if variant not in valid_variants:
+    raise ValueError(f'Unknown variant {variant!r}; valid: {sorted(valid_variants)}')
+  fields['variant'] = variant
+  for item in rest:
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; '
+                       f'valid: {sorted(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      fields[key] = value.lower() in ('', '1', 'true', 'yes')
+    else:
+      fields[key] = kind(value)
+  return ml_collections.ConfigDict(fields)
+
+
+def model_config(family, size):
+  """The model section for a family ('flash' or 'pro') at a named size."""
+  if size not in SIZES[family]:
+    raise ValueError(f'Unknown size {size!r} for {family}; valid: {sorted(SIZES[family])}')
+  s = SIZES[family][size]
+  vw, vd, vh, vm, patch = s['vision']
+  w, d, h, kv, hd, m = s['lm']
+  c = ml_collections.ConfigDict()
+  c.family = family
+  c.size = size
+  c.vision = dict(width=vw, depth=vd, num_heads=vh, mlp_dim=vm, patch_size=patch)
+  c.lm = dict(width=w, depth=d, num_heads=h, num_kv_heads=kv, head_dim=hd, mlp_dim=m,
+              vocab_size=SIZE_DATA[size]['vocab_size'], rope_base=10_000.0)
+  # The two seams later kernels plug into. attention: 'xla' | 'cudnn' | 'auto'
+  # ('auto' = cudnn on GPU, xla elsewhere). matmul: 'xla' (bf16/f32 dot).
+  c.attention = 'auto'
+  c.matmul = 'xla'
+  c.dtype = 'bfloat16'        # compute dtype
+  c.param_dtype = 'float32'
+  c.remat = 'none'            # 'none' | 'full' | 'dots' | 'dots_no_batch'
+  c.share_vision_lm_mlp = False  # the article's cross-modal weight sharing
+  return c
+
+
+def base_config(family, size, runlocal=False):
+  """Everything a run needs; family files change what differs."""
+  sd = SIZE_DATA[size]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config(family, size)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.image_size = sd['image_size']
+  c.data.max_text_len = sd['max_text_len']
+  c.data.tasks = ()               # empty = all 12 tasks
+  c.data.seed = 0
+  c.data.eval_examples = 200      # per task, fixed split
+  c.data.tokenizer = 'suite'      # 'suite' (shipped SentencePiece) | 'bytes' | a .model path
+  c.data.num_workers = 0          # grain worker processes; 0 = in-process
+  c.data.source = 'suite'         # 'suite' | 'vqa_json' | 'coco'
+  c.data.path = ''                # for the real-format loaders
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = sd['batch_size']
+  c.train.total_steps = 2000
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 200
+  c.train.min_lr_ratio = 0.05
+  c.train.weight_decay = 0.05
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.grad_clip = 1.0
+  c.train.label_smoothing = 0.0
+  c.train.log_every = 50
+  c.train.ckpt_every = 500
+  c.train.keep_ckpts = 3
+  c.train.eval_every = 0          # 0 = only at the end (eval.py does the full table)
+  c.train.max_time_minutes = 0.0  # 0 = no wall-clock budget
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.max_decode_len = 20     # answers are at most 16 suite tokens + eos
+  c.eval.noise = ''               # 'NAME:SEVERITY', e.g. 'gaussian:3'
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.logical_axis_rules = LOGICAL_AXIS_RULES
+
+  if size == 'tiny':  # a CPU-sized run that still learns something
+    c.model.dtype = 'float32'  # the CPU emulates bf16 slowly
+    c.train.total_steps = 300
+    c.train.lr = 3e-3
+    c.train.warmup_steps = 30
+    c.train.ckpt_every = 100
+    c.eval.batch_size = 64
+    c.data.eval_examples = 50
+
+  if runlocal:  # shrink anything to a smoke test
+    c.train.total_steps = 20
+    c.train.batch_size = 8
+    c.train.log_every = 5
+    c.train.ckpt_every = 10
+    c.train.warmup_steps = 5
+    c.data.eval_examples = 8
+    c.eval.batch_size = 16
+  return c

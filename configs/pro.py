@@ -1,0 +1,12 @@
+"""The Pro teacher: the larger, slower model Flash distills from.
+
+Same data, tokenizer and recipe as Flash; a wider and deeper shape at every size.
+"""
+
+from configs import common
+
+
+def get_config(arg='tiny'):
+  arg = common.parse_arg(arg, common.SIZE_DATA, runlocal=False)
+  c = common.base_config('pro', arg.variant, runlocal=arg.runlocal)
+  return c

@@ -1,0 +1,1 @@
+"""Evaluation: per-task metrics and the eval runner."""

@@ -1,0 +1,4 @@
+"""The two seams that kernels plug into: attention and matmul."""
+
+from flashmm_jax.ops import attention
+from flashmm_jax.ops import matmul

@@ -1,0 +1,1 @@
+"""Training: the loop, train state, checkpoints, sharding, losses, progress."""

@@ -1,0 +1,30 @@
+"""Analytic FLOPs of one training example, for throughput and MFU reports.
+
+Counts matmul FLOPs as XLA's dense path computes them (the full S x S score
+matrix, masked or not); backward = 2x forward.
+"""
+
+
+def _transformer_forward(tokens, width, depth, q_dim, kv_dim, mlp_params, attn_width):
+  proj = 2 * tokens * width * (2 * q_dim + 2 * kv_dim)  # q, k, v, o
+  mlp = 2 * tokens * mlp_params
+  scores = 2 * 2 * tokens * tokens * attn_width          # q.k and p.v
+  return depth * (proj + mlp + scores)
+
+
+def forward_flops_per_example(config, num_image_tokens):
+  m, v = config.model.lm, config.model.vision
+  tokens = num_image_tokens + config.data.max_text_len
+  q_dim, kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  lm = _transformer_forward(tokens, m.width, m.depth, q_dim, kv_dim,
+                            3 * m.width * m.mlp_dim, q_dim)
+  lm += 2 * config.data.max_text_len * m.width * m.vocab_size  # logits on text positions
+  vision = _transformer_forward(num_image_tokens, v.width, v.depth, v.width, v.width,
+                                2 * v.width * v.mlp_dim, v.width)
+  patch = 2 * num_image_tokens * (v.patch_size ** 2 * 3) * v.width
+  projector = 2 * num_image_tokens * (v.width * m.width + m.width * m.width)
+  return lm + vision + patch + projector
+
+
+def train_flops_per_example(config, num_image_tokens):
+  return 3 * forward_flops_per_example(config, num_image_tokens)

@@ -1,0 +1,52 @@
+import pytest
+
+from configs import baseline
+from configs import common
+from configs import flash
+from configs import pro
+
+
+@pytest.mark.parametrize('module', [flash, pro, baseline])
+@pytest.mark.parametrize('variant', sorted(common.SIZE_DATA))
+def test_every_variant_builds(module, variant):
+  c = module.get_config(variant)
+  assert c.model.size == variant
+  assert c.model.lm.num_heads % c.model.lm.num_kv_heads == 0
+  assert c.data.image_size % c.model.vision.patch_size == 0
+
+
+def test_runlocal_shrinks_a_run():
+  c = flash.get_config('small,runlocal')
+  assert c.train.total_steps < flash.get_config('small').train.total_steps
+  assert c.model.lm.width == flash.get_config('small').model.lm.width
+
+
+def test_unknown_variant_lists_valid_ones():
+  with pytest.raises(ValueError, match=r"Unknown variant 'huge'.*'tiny'"):
+    flash.get_config('huge')
+
+
+def test_unknown_argument_is_rejected():
+  with pytest.raises(ValueError, match="Unknown config argument 'fast'"):
+    flash.get_config('tiny,fast')
+
+
+def test_locked_config_rejects_unknown_keys():
+  c = flash.get_config('tiny')
+  c.lock()  # as config_flags does for command-line overrides
+  c.train.total_steps = 7
+  assert c.train.total_steps == 7
+  with pytest.raises(AttributeError):
+    c.train.total_stepz = 7
+
+
+def test_pro_is_larger_than_flash_at_every_size():
+  for size in common.SIZE_DATA:
+    f, p = common.SIZES['flash'][size], common.SIZES['pro'][size]
+    assert p['lm'][0] * p['lm'][1] > f['lm'][0] * f['lm'][1]
+
+
+def test_baseline_is_flash_shape_with_plain_paths():
+  b, f = baseline.get_config('small'), flash.get_config('small')
+  assert b.model.lm.to_dict() == f.model.lm.to_dict()
+  assert (b.model.attention, b.model.matmul, b.model.dtype) == ('xla', 'xla', 'bfloat16')
