@@ -85,7 +85,10 @@ def model_config(family, size):
   c = ml_collections.ConfigDict()
   c.family = family
   c.size = size
-  c.vision = dict(width=vw, depth=vd, num_heads=vh, mlp_dim=vm, patch_size=patch)
+  # 'conv': stride-2 convolutions down to the patch grid (sees small shapes
+  # better, trains faster); 'patch': the linear ViT embedding (any patch size).
+  stem = 'conv' if patch & (patch - 1) == 0 else 'patch'
+  c.vision = dict(width=vw, depth=vd, num_heads=vh, mlp_dim=vm, patch_size=patch, stem=stem)
   c.lm = dict(width=w, depth=d, num_heads=h, num_kv_heads=kv, head_dim=hd, mlp_dim=m,
               vocab_size=SIZE_DATA[size]['vocab_size'], rope_base=10_000.0)
   # The two seams later kernels plug into. attention: 'xla' | 'cudnn' | 'auto'
@@ -120,12 +123,14 @@ def base_config(family, size, runlocal=False):
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = sd['batch_size']
   c.train.total_steps = 2000
-  c.train.lr = 1e-3
+  # Measured on small Pro (H100, 2026-11-25): lr 1e-3 stalls on the attribute-binding
+  # tasks (vqa_shape alone 45% after 1600 steps); 5e-4 with b2 0.95 reaches 84% in 550.
+  c.train.lr = 5e-4
   c.train.warmup_steps = 200
   c.train.min_lr_ratio = 0.05
   c.train.weight_decay = 0.05
   c.train.b1 = 0.9
-  c.train.b2 = 0.98
+  c.train.b2 = 0.95
   c.train.grad_clip = 1.0
   c.train.label_smoothing = 0.0
   c.train.log_every = 50

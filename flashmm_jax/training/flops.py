@@ -12,6 +12,17 @@ def _transformer_forward(tokens, width, depth, q_dim, kv_dim, mlp_params, attn_w
   return depth * (proj + mlp + scores)
 
 
+def _stem_flops(v, num_image_tokens):
+  if v.get('stem', 'patch') == 'patch':
+    return 2 * num_image_tokens * (v.patch_size ** 2 * 3) * v.width
+  # conv stem: 3x3 stride-2 convs, channels 3 -> 64 -> 128 ..., then a linear map.
+  steps = v.patch_size.bit_length() - 1
+  channels = [3] + [min(v.width, 32 * 2 ** i) for i in range(1, steps + 1)]
+  pixels = [num_image_tokens * 4 ** (steps - i) for i in range(1, steps + 1)]
+  convs = sum(2 * p * 9 * a * b for p, a, b in zip(pixels, channels[:-1], channels[1:]))
+  return convs + 2 * num_image_tokens * channels[-1] * v.width
+
+
 def forward_flops_per_example(config, num_image_tokens):
   m, v = config.model.lm, config.model.vision
   tokens = num_image_tokens + config.data.max_text_len
@@ -21,9 +32,8 @@ def forward_flops_per_example(config, num_image_tokens):
   lm += 2 * config.data.max_text_len * m.width * m.vocab_size  # logits on text positions
   vision = _transformer_forward(num_image_tokens, v.width, v.depth, v.width, v.width,
                                 2 * v.width * v.mlp_dim, v.width)
-  patch = 2 * num_image_tokens * (v.patch_size ** 2 * 3) * v.width
   projector = 2 * num_image_tokens * (v.width * m.width + m.width * m.width)
-  return lm + vision + patch + projector
+  return lm + vision + _stem_flops(v, num_image_tokens) + projector
 
 
 def train_flops_per_example(config, num_image_tokens):

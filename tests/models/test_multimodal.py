@@ -117,3 +117,24 @@ def test_clear_errors(tiny):
     build(bad_gqa)
   with pytest.raises(ValueError, match='share_vision_lm_mlp.*vision width=64.*lm width=128'):
     build(tiny_config(share_vision_lm_mlp=True))
+
+
+@pytest.mark.parametrize('stem, expected_layers', [('conv', 3), ('patch', 0)])
+def test_both_vision_stems_give_one_token_per_patch(stem, expected_layers):
+  config = tiny_config(vision=dict(width=64, depth=1, num_heads=2, mlp_dim=64, patch_size=8,
+                                   stem=stem))
+  model = build(config)
+  assert len(getattr(model.vision.embed, 'convs', ())) == expected_layers  # log2(8) convs
+  tokens = model.vision(batch(config)['image'])
+  assert tokens.shape == (3, (32 // 8) ** 2, 64)
+
+
+def test_vision_stem_errors():
+  bad = dict(width=64, depth=1, num_heads=2, mlp_dim=64, patch_size=8, stem='fft')
+  with pytest.raises(ValueError, match=r"Unknown config.model.vision.stem 'fft'"):
+    build(tiny_config(vision=bad))
+  odd = dict(bad, stem='conv', patch_size=6)
+  config = tiny_config(vision=odd)
+  config.data.image_size = 36
+  with pytest.raises(ValueError, match='power-of-two patch_size, got 6'):
+    build(config)
