@@ -29,7 +29,7 @@ SIZES = {
 
 # Input resolution, text budget and batch per size. Image tokens = (image/patch)^2.
 SIZE_DATA = {
-    'tiny': dict(image_size=32, max_text_len=48, batch_size=16, vocab_size=1024),
+    'tiny': dict(image_size=32, max_text_len=48, batch_size=32, vocab_size=1024),
     'small': dict(image_size=64, max_text_len=48, batch_size=256, vocab_size=1024),
     'base': dict(image_size=224, max_text_len=64, batch_size=256, vocab_size=1024),
     # A 7B-class shape for systems benchmarks (random weights): a realistic vocab.
@@ -152,10 +152,10 @@ def base_config(family, size, runlocal=False):
 
   if size == 'tiny':  # a CPU-sized run that still learns something
     c.model.dtype = 'float32'  # the CPU emulates bf16 slowly
-    c.train.total_steps = 300
-    c.train.lr = 3e-3
-    c.train.warmup_steps = 30
-    c.train.ckpt_every = 100
+    c.train.total_steps = 600
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 50
+    c.train.ckpt_every = 200
     c.eval.batch_size = 64
     c.data.eval_examples = 50
 

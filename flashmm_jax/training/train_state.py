@@ -98,6 +98,11 @@ def restore_model(config, path, mesh):
     graphdef, params, _ = nnx.split(abstract_model, nnx.Param, ...)
     p_sh = sharding.state_shardings(params, mesh, config.logical_axis_rules)
     step, params, meta = checkpoint.restore_params(path, abstract_with_shardings(params, p_sh))
-    # Only the non-param state is kept; XLA drops the unused param init.
-    rest = jax.jit(lambda: nnx.split(build_model(config), nnx.Param, ...)[2])()
+    rest = init_rest(config)
   return nnx.merge(graphdef, params, rest), step, meta
+
+
+def init_rest(config):
+  """The model's non-param state alone: XLA drops the unused param init, so a
+  restore never holds a second copy of the params."""
+  return jax.jit(lambda: nnx.split(build_model(config), nnx.Param, ...)[2])()

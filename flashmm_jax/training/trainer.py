@@ -12,9 +12,9 @@ from absl import logging
 from etils import epath
 import jax
 
+from flashmm_jax import models
 from flashmm_jax.data import pipeline
 from flashmm_jax.data import tokenizer as tokenizer_lib
-from flashmm_jax import models
 from flashmm_jax.training import checkpoint
 from flashmm_jax.training import flops
 from flashmm_jax.training import optimizer
@@ -56,10 +56,9 @@ class Trainer:
 
   def _restore_or_init(self):
     with sharding.activate(self.mesh, self.config.logical_axis_rules):
-      params, rest, opt_state = train_state.init_state(self.config, self.tx, self.spec)
       if not self.manager.all_steps():
-        return 0, params, rest, opt_state
-      del params, opt_state  # `rest` (non-param state) is not checkpointed
+        return 0, *train_state.init_state(self.config, self.tx, self.spec)
+      rest = train_state.init_rest(self.config)  # non-param state is not checkpointed
       p_sh, _, o_sh = self.spec.shardings
       step, params, opt_state, _ = checkpoint.restore_train_state(
           self.manager, train_state.abstract_with_shardings(self.spec.params, p_sh),
