@@ -87,3 +87,16 @@ def test_mesh_must_match_device_count():
   with pytest.raises(ValueError, match='needs 16 devices'):
     sharding.mesh_shape({'data': 4, 'fsdp': 4, 'tensor': 1}, 8)
   assert sharding.mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 2}, 8) == (2, 2, 2)
+
+
+def test_eval_hook_runs_at_its_interval_and_at_the_end(tmp_path):
+  c = tiny_config(total_steps=5, eval_every=2, ckpt_every=100, log_every=100)
+  calls = []
+
+  def eval_fn(model):
+    calls.append(model.decoder.vocab_size)
+    return {'mean': 0.5}
+
+  t = trainer.Trainer(c, str(tmp_path), mesh=one_device_mesh(c), eval_fn=eval_fn)
+  t.run()
+  assert len(calls) == 3  # steps 2, 4 and the last step, 5
