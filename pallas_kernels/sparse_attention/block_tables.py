@@ -1,0 +1,85 @@
+"""Block layout for block-sparse attention: tile sizes and compact block tables.
+
+A block mask `[B, H, nQ, nK]` says which (query block, key block) tiles are
+computed. H counts *kv* heads: the query heads of a GQA group share one
+selection, so they read the same K/V tiles. Kernels do not want the dense mask;
+they want, per query block, the short list of key blocks to visit (forward,
+dq), and per key block the list of query blocks (a future dk/dv pass). This
+module builds those lists with a stable sort and gathers (no Python loops
+over data), so it runs under jit.
+"""
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes. Frozen (hashable) so it can be a static jit argument.
+
+  block_q: query rows per tile (the Triton dots need >= 16 rows).
+  block_k: key/value rows per tile; one entry of the block mask covers a
+    block_q x block_k tile.
+  """
+  block_q: int = 32
+  block_k: int = 32
+
+
+class BlockTables(NamedTuple):
+  """Compact tables, all int32. Unused slots repeat the last valid id (0 for
+  an empty row) so a pipelined prefetch never reads an out-of-range block."""
+  kv_ids: jax.Array    # [B, H, nQ, max_k] selected key blocks, ascending
+  kv_count: jax.Array  # [B, H, nQ]        how many kv_ids are valid
+  q_ids: jax.Array     # [B, H, nK, max_q] selected query blocks, ascending
+  q_count: jax.Array   # [B, H, nK]
+
+
+def compact_rows(mask: jax.Array, max_sel: int) -> tuple[jax.Array, jax.Array]:
+  """For each row of a boolean `[..., n]` mask: (ids [..., max_sel], count).
+
+  Rows with more than `max_sel` selected entries keep their first `max_sel`
+  (ascending) and report count == max_sel: the caller picks `max_sel` so this
+  does not happen (max_sel = n is always exact).
+  """
+  n = mask.shape[-1]
+  if not 1 <= max_sel <= n:
+    raise ValueError(f"{max_sel=} must be in [1, {n=}]")
+  # A stable sort of "not selected" puts the selected indices first, in
+  # ascending order; this is the jit-friendly replacement for a nonzero loop.
+  order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True)
+  order = order[..., :max_sel].astype(jnp.int32)
+  count = jnp.minimum(mask.sum(axis=-1, dtype=jnp.int32), max_sel)
+  # Pad: slot p beyond the count takes the last valid id (slot count-1).
+  slot = jnp.arange(max_sel, dtype=jnp.int32)
+  src = jnp.minimum(slot, jnp.maximum(count - 1, 0)[..., None])
+  ids = jnp.take_along_axis(order, src, axis=-1)
+  ids = jnp.where(count[..., None] > 0, ids, 0)
+  return ids, count
+
+
+def build_block_tables(block_mask: jax.Array, max_k: int | None = None,
+                       max_q: int | None = None) -> BlockTables:
+  """Tables for a boolean block mask `[B, H, nQ, nK]`.
+
+  max_k / max_q are static table widths (default nK / nQ, i.e. exact). A
+  smaller width saves memory when the selection is known to be bounded
+  (e.g. top-k routing); rows over the bound are truncated, see compact_rows.
+  """
+  if block_mask.ndim != 4:
+    raise ValueError(f"block_mask must be [B, H, nQ, nK], got {block_mask.shape=}")
+  block_mask = block_mask.astype(jnp.bool_)
+  n_q, n_k = block_mask.shape[-2:]
+  kv_ids, kv_count = compact_rows(block_mask, n_k if max_k is None else max_k)
+  q_ids, q_count = compact_rows(jnp.swapaxes(block_mask, -1, -2),
+                                n_q if max_q is None else max_q)
+  return BlockTables(kv_ids, kv_count, q_ids, q_count)
+
+
+def block_mask_from_tables(ids: jax.Array, count: jax.Array, n: int) -> jax.Array:
+  """Inverse of compact_rows: boolean `[..., n]` mask from (ids, count)."""
+  valid = jnp.arange(ids.shape[-1]) < count[..., None]        # [..., max_sel]
+  hits = (ids[..., :, None] == jnp.arange(n)) & valid[..., None]
+  return hits.any(axis=-2)
