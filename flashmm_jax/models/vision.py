@@ -46,6 +46,16 @@ class ConvDown(nnx.Module):
     return jax.nn.gelu(self.norm(x))
 
 
+def conv_stem_channels(patch, width):
+  """Channels of the conv stem: 3 -> 64 -> 128 ... (capped at width), one stride-2 step
+  per factor of two in the patch size."""
+  steps = round(math.log2(patch))
+  if 2 ** steps != patch:
+    raise ValueError(f"config.model.vision.stem='conv' needs a power-of-two patch_size, "
+                     f'got {patch}')
+  return [3] + [min(width, 32 * 2 ** i) for i in range(1, steps + 1)]
+
+
 class ConvStem(nnx.Module):
   """Stride-2 convolutions down to the patch grid, then a linear map to the width.
 
@@ -55,11 +65,7 @@ class ConvStem(nnx.Module):
   """
 
   def __init__(self, patch, width, cfg, *, rngs):
-    steps = round(math.log2(patch))
-    if 2 ** steps != patch:
-      raise ValueError(f"config.model.vision.stem='conv' needs a power-of-two patch_size, "
-                       f'got {patch}')
-    channels = [3] + [min(width, 32 * 2 ** i) for i in range(1, steps + 1)]
+    channels = conv_stem_channels(patch, width)
     self.convs = nnx.List([ConvDown(a, b, cfg, rngs=rngs)
                            for a, b in zip(channels[:-1], channels[1:])])
     self.proj = layers.Dense(channels[-1], width, ('patch', 'embed'), cfg, rngs=rngs,

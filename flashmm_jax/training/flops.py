@@ -4,6 +4,8 @@ Counts matmul FLOPs as XLA's dense path computes them (the full S x S score
 matrix, masked or not); backward = 2x forward.
 """
 
+from flashmm_jax.models import vision
+
 
 def _transformer_forward(tokens, width, depth, q_dim, kv_dim, mlp_params, attn_width):
   proj = 2 * tokens * width * (2 * q_dim + 2 * kv_dim)  # q, k, v, o
@@ -15,9 +17,9 @@ def _transformer_forward(tokens, width, depth, q_dim, kv_dim, mlp_params, attn_w
 def _stem_flops(v, num_image_tokens):
   if v.get('stem', 'patch') == 'patch':
     return 2 * num_image_tokens * (v.patch_size ** 2 * 3) * v.width
-  # conv stem: 3x3 stride-2 convs, channels 3 -> 64 -> 128 ..., then a linear map.
-  steps = v.patch_size.bit_length() - 1
-  channels = [3] + [min(v.width, 32 * 2 ** i) for i in range(1, steps + 1)]
+  # conv stem: 3x3 stride-2 convs, then a linear map to the width.
+  channels = vision.conv_stem_channels(v.patch_size, v.width)
+  steps = len(channels) - 1
   pixels = [num_image_tokens * 4 ** (steps - i) for i in range(1, steps + 1)]
   convs = sum(2 * p * 9 * a * b for p, a, b in zip(pixels, channels[:-1], channels[1:]))
   return convs + 2 * num_image_tokens * channels[-1] * v.width
