@@ -50,7 +50,10 @@ def main(argv):
 def suite_accuracy(config, model):
   """The in-training eval hook (every config.train.eval_every steps): task accuracies."""
   results = runner.evaluate(model, config, tokenizer_lib.get_tokenizer(config.data.tokenizer))
-  return {'mean': results['mean'], **{t: r['score'] for t, r in results['tasks'].items()}}
+  out = {'mean': results['mean'], **{t: r['score'] for t, r in results['tasks'].items()}}
+  if 'sparsity' in results:  # a sparse-attention model: its prefill sparsity
+    out['sparsity'] = results['sparsity']['sparsity/overall']
+  return out
 
 
 if __name__ == '__main__':

@@ -99,10 +99,41 @@ def model_config(family, size):
   c.param_dtype = 'float32'
   c.remat = 'none'            # 'none' | 'full' | 'dots' | 'dots_no_batch'
   c.share_vision_lm_mlp = False  # the article's cross-modal weight sharing
+  # Dynamic block-sparse attention (issue #10) in the LM layers: a learned
+  # gate picks, per query block and kv head, the key blocks to compute.
+  #   kernel: the sparse seam's implementation ('auto' | 'reference' | kernels).
+  #   threshold: keep key blocks with gate probability >= threshold x the best
+  #     one of the query block (0 keeps every visible block).
+  #   top_k: at most this many key blocks per query block besides the always
+  #     kept first and diagonal ones (0 = no budget); combines with threshold.
+  #   gate_dim: width of the gate's per-head projections (even: rotary).
+  #   min_kv_blocks: shorter sequences take the dense path.
+  c.sparse = dict(enabled=False, kernel='auto', block_q=128, block_k=64, threshold=0.3,
+                  top_k=0, gate_dim=64, min_kv_blocks=2)
   return c
 
 
-def base_config(family, size, runlocal=False):
+# Sparse tiles per size: several key blocks in each size's LM sequence
+# (image tokens + max_text_len: tiny 64, small 112, base 260, 7b 320).
+SPARSE_BLOCKS = {'tiny': (16, 16), 'small': (32, 16), 'base': (64, 32), '7b': (64, 32)}
+
+
+def use_sparse_gate(c, size):
+  """The gate fine-tuning recipe: sparse LM attention, only the gate trains.
+
+  Start it from a dense checkpoint with --config.train.init_from=DENSE_WORKDIR;
+  for joint training set train.trainable='all'.
+  """
+  c.model.sparse.enabled = True
+  c.model.sparse.block_q, c.model.sparse.block_k = SPARSE_BLOCKS[size]
+  c.train.trainable = 'gate'
+  c.train.gate_loss_weight = 1.0
+  c.train.total_steps = 500
+  c.train.warmup_steps = 50
+  c.train.lr = 1e-3
+
+
+def base_config(family, size, runlocal=False, sparse=False):
   """Everything a run needs; family files change what differs."""
   sd = SIZE_DATA[size]
   c = ml_collections.ConfigDict()
@@ -138,6 +169,14 @@ def base_config(family, size, runlocal=False):
   c.train.keep_ckpts = 3
   c.train.eval_every = 0          # 0 = only at the end (eval.py does the full table)
   c.train.max_time_minutes = 0.0  # 0 = no wall-clock budget
+  # Sparse attention gate (model.sparse.enabled): KL to the block max-pooled
+  # dense attention, added to the loss with this weight (0 = no target pass).
+  c.train.gate_loss_weight = 1.0
+  c.train.trainable = 'all'       # 'all' | 'gate' (everything else frozen)
+  # A checkpoint (workdir or step dir) whose params start a fresh run (a workdir
+  # with its own checkpoint resumes instead); params it lacks may only be the
+  # sparse gate's, which keep their fresh init.
+  c.train.init_from = ''
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
@@ -158,6 +197,9 @@ def base_config(family, size, runlocal=False):
     c.train.ckpt_every = 200
     c.eval.batch_size = 64
     c.data.eval_examples = 50
+
+  if sparse:
+    use_sparse_gate(c, size)
 
   if runlocal:  # shrink anything to a smoke test
     c.train.total_steps = 20

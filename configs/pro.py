@@ -7,6 +7,6 @@ from configs import common
 
 
 def get_config(arg='tiny'):
-  arg = common.parse_arg(arg, common.SIZE_DATA, runlocal=False)
-  c = common.base_config('pro', arg.variant, runlocal=arg.runlocal)
+  arg = common.parse_arg(arg, common.SIZE_DATA, runlocal=False, sparse=False)
+  c = common.base_config('pro', arg.variant, runlocal=arg.runlocal, sparse=arg.sparse)
   return c

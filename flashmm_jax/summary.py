@@ -13,7 +13,8 @@ from flashmm_jax.models import multimodal
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/flash.py:7b.')
 
-COMPONENTS = ('vision encoder', 'projector', 'LM embedding', 'LM attention', 'LM MLP', 'norms')
+COMPONENTS = ('vision encoder', 'projector', 'LM embedding', 'LM attention', 'LM MLP', 'norms',
+              'sparse gate')
 
 
 def abstract_model(config):
@@ -24,6 +25,8 @@ def abstract_model(config):
 
 def component(path):
   """Which COMPONENTS entry a param path (a tuple of keys) belongs to."""
+  if 'block_gate' in path:
+    return 'sparse gate'
   if any('norm' in str(k) for k in path):
     return 'norms'
   if path[0] == 'vision':
@@ -48,7 +51,8 @@ def table(config):
   """Rows (component, params, bytes in param_dtype, bytes in bf16), then the total."""
   itemsize = jnp.dtype(config.model.param_dtype).itemsize
   counts = count(config)
-  rows = [(c, n, n * itemsize, n * 2) for c, n in counts.items()]
+  rows = [(c, n, n * itemsize, n * 2) for c, n in counts.items()
+          if n or c != 'sparse gate']  # dense models have no gate row
   total = sum(counts.values())
   return rows + [('total', total, total * itemsize, total * 2)]
 

@@ -19,57 +19,85 @@ from flashmm_jax import models
 from flashmm_jax.data import pipeline
 from flashmm_jax.data import tasks as tasks_lib
 from flashmm_jax.evaluation import metrics
+from flashmm_jax.models import gate
 
 
 def make_decoder(model, max_new_tokens, eos_id):
-  """A jitted (image, text, prefix_len) -> tokens function over the model's state."""
+  """A jitted (image, text, prefix_len) -> (tokens, gate stats) function over the
+  model's state; the stats (gate.layer_stats of the prefill) are {} for a dense model."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def decode(state, image, text, prefix_len):
-    return models.generate(nnx.merge(graphdef, state), image, text, prefix_len,
-                           max_new_tokens=max_new_tokens, eos_id=eos_id)
+    run = lambda m: models.generate(m, image, text, prefix_len,
+                                    max_new_tokens=max_new_tokens, eos_id=eos_id)
+    tokens, captured = nnx.capture(run, nnx.Intermediate)(nnx.merge(graphdef, state))
+    return tokens, gate.layer_stats(captured)
 
   return functools.partial(decode, state)
 
 
+def _add_stats(total, stats):
+  """Sums gate tile counts over batches, so a task's sparsity is over all its tiles."""
+  for k, v in stats.items():
+    total[k] = total.get(k, 0.0) + np.asarray(v, np.float64)
+  return total
+
+
 def evaluate_task(decode, config, tokenizer, task, noise='', put=None):
-  """Returns (mean score, n, examples of (prompt, prediction, answer))."""
+  """Returns (mean score, n, examples of (prediction, answer), summed gate stats)."""
   metric = tasks_lib.task_metric(task)
-  scores, samples = [], []
+  scores, samples, stats = [], [], {}
   for batch in pipeline.eval_batches(config, tokenizer, task, noise=noise):
     inputs = {k: batch[k] for k in ('image', 'text', 'prefix_len')}
     if put is not None:
       inputs = put(inputs)
-    tokens = np.asarray(decode(inputs['image'], inputs['text'], inputs['prefix_len']))
-    for row, answer, valid in zip(tokens, batch['answers'], batch['valid']):
+    tokens, batch_stats = decode(inputs['image'], inputs['text'], inputs['prefix_len'])
+    stats = _add_stats(stats, batch_stats)
+    for row, answer, valid in zip(np.asarray(tokens), batch['answers'], batch['valid']):
       if valid:
         prediction = tokenizer.decode(row.tolist())
         scores.append(metrics.score(metric, prediction, answer))
         if len(samples) < 3:
           samples.append((prediction, answer))
-  return float(np.mean(scores)), len(scores), samples
+  return float(np.mean(scores)), len(scores), samples, stats
+
+
+def sparsity_summary(stats):
+  """Plain-float sparsity figures for results.json (prefill of the eval batches)."""
+  return {k: float(v) for k, v in gate.sparsity_metrics(stats).items()}
 
 
 def evaluate(model, config, tokenizer, noise='', put=None):
   """Scores every configured task; returns the results dict written to JSON."""
   decode = make_decoder(model, config.eval.max_decode_len, tokenizer.eos_id)
-  results = {}
+  results, all_stats = {}, {}
   for task in pipeline.eval_tasks(config):
     t0 = time.perf_counter()
-    score, n, samples = evaluate_task(decode, config, tokenizer, task, noise, put)
+    score, n, samples, stats = evaluate_task(decode, config, tokenizer, task, noise, put)
     results[task] = {'score': score, 'metric': tasks_lib.task_metric(task), 'n': n}
+    if stats:
+      results[task]['sparsity'] = sparsity_summary(stats)
+      all_stats = _add_stats(all_stats, stats)
     logging.info('eval %-15s %.3f (n=%d, %.1fs) e.g. %s', task, score, n,
                  time.perf_counter() - t0, samples[:2])
   mean = float(np.mean([r['score'] for r in results.values()]))
-  return {'tasks': results, 'mean': mean, 'noise': noise}
+  out = {'tasks': results, 'mean': mean, 'noise': noise}
+  if all_stats:
+    out['sparsity'] = sparsity_summary(all_stats)
+    out['threshold'] = config.model.sparse.threshold
+    out['top_k'] = config.model.sparse.top_k
+  return out
 
 
 def results_markdown(results, title='Eval'):
-  lines = [f'## {title}', '', '| task | metric | score | n |', '| --- | --- | --- | --- |']
+  sparse = 'sparsity' in results
+  lines = [f'## {title}', '', '| task | metric | score | n |' + (' sparsity |' if sparse else ''),
+           '| --- | --- | --- | --- |' + (' --- |' if sparse else '')]
+  cell = lambda r: f' {100 * r["sparsity"]["sparsity/overall"]:.1f}% |' if sparse else ''
   for task, r in results['tasks'].items():
-    lines.append(f'| {task} | {r["metric"]} | {100 * r["score"]:.1f} | {r["n"]} |')
-  lines.append(f'| **mean** | | **{100 * results["mean"]:.1f}** | |')
+    lines.append(f'| {task} | {r["metric"]} | {100 * r["score"]:.1f} | {r["n"]} |{cell(r)}')
+  lines.append(f'| **mean** | | **{100 * results["mean"]:.1f}** | |{cell(results)}')
   return '\n'.join(lines) + '\n'
 
 

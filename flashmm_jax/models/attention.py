@@ -1,10 +1,15 @@
-"""Grouped-query self-attention over the ops.attention seam, with a KV cache."""
+"""Grouped-query self-attention over the ops.attention seam, with a KV cache.
+
+With config.model.sparse.enabled, rotary (LM) layers carry a learned block gate
+(models/gate.py) and run training and prefill through the block-sparse seam.
+"""
 
 import jax
 from jax import lax
 from flax import nnx
 
 from flashmm_jax import ops
+from flashmm_jax.models import gate
 from flashmm_jax.models import layers
 
 
@@ -18,7 +23,8 @@ def write_cache(cache, k, v, start):
 class Attention(nnx.Module):
   """Self-attention with Hq query heads sharing Hkv key/value heads.
 
-  rope_base=None means no rotary embedding (the vision encoder).
+  rope_base=None means no rotary embedding (the vision encoder). The sparse
+  gate needs rotary (it rotates block summaries), so only LM layers get one.
   """
 
   def __init__(self, width, num_heads, num_kv_heads, head_dim, cfg, *, rngs, rope_base=None):
@@ -31,6 +37,10 @@ class Attention(nnx.Module):
     self.k = layers.Dense(width, (num_kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), cfg, rngs=rngs)
     self.v = layers.Dense(width, (num_kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), cfg, rngs=rngs)
     self.o = layers.Dense((num_heads, head_dim), width, ('heads', 'head_dim', 'embed'), cfg, rngs=rngs)
+    sparse = cfg.get('sparse')
+    self.block_gate = (gate.BlockGate(num_heads, num_kv_heads, head_dim, cfg, rope_base, rngs=rngs)
+                       if sparse is not None and sparse.enabled and rope_base is not None
+                       else None)
 
   def __call__(self, x, positions, mask, cache=None):
     """x [B, T, W] at positions [B, T] -> ([B, T, W], cache).
@@ -38,12 +48,34 @@ class Attention(nnx.Module):
     With a cache (dict k, v of [B, S, Hkv, D]) the new keys are written at
     each row's mask.q_offset and the queries attend over the whole cache.
     """
-    q, k, v = self.q(x), self.k(x), self.v(x)
+    q_raw, k_raw, v = self.q(x), self.k(x), self.v(x)
+    q, k = q_raw, k_raw
     if self.rope_base is not None:
       q = layers.rope(q, positions, self.rope_base)
       k = layers.rope(k, positions, self.rope_base)
     if cache is not None:
       cache = write_cache(cache, k, v, mask.q_offset)
-      k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
-    out = ops.attention.attend(q, k, v, mask, implementation=self.implementation)
+    if self._sparse(x.shape[1], cache):
+      # At a prefill (position 0) the cache holds nothing but these keys, so
+      # attending over them alone equals attending over the cache.
+      out = self.block_gate.attend(q_raw, k_raw, q, k, v, mask)
+    else:
+      if cache is not None:
+        # Decode steps (and dense prefills) read the whole cache. Sparse
+        # decode plugs in here: gate this step's query against the cached key
+        # blocks' summaries, then ops.sparse_attention.sparse_decode over the
+        # selected blocks only.
+        k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
+      out = ops.attention.attend(q, k, v, mask, implementation=self.implementation)
     return self.o(out), cache
+
+  def _sparse(self, length, cache):
+    """Sparse path: a gate, a long enough sequence, and training or a prefill.
+
+    A call with a cache and more than one token is a prefill from position 0
+    (decode.py's contract); the sparse seam has no q_offset, so a chunked
+    prefill at q_offset > 0 would need one first.
+    """
+    if self.block_gate is None or (cache is not None and length == 1):
+      return False
+    return self.block_gate.applies(length)

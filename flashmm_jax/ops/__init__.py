@@ -2,3 +2,4 @@
 
 from flashmm_jax.ops import attention
 from flashmm_jax.ops import matmul
+from flashmm_jax.ops import sparse_attention

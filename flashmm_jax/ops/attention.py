@@ -96,9 +96,39 @@ def _cudnn(q, k, v, mask):
       implementation='cudnn')
 
 
+@register('tokamax')
+def _tokamax(q, k, v, mask):
+  """tokamax's dot_product_attention (its FA3-style Mosaic kernel on Hopper).
+
+  Like cuDNN it has no prefix-LM mask: causal masks go in as a dense mask.
+  """
+  try:
+    import tokamax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise NotImplementedError("attention implementation 'tokamax' needs the tokamax "
+                              'package (pip install tokamax)') from e
+  if not mask.causal:
+    return tokamax.dot_product_attention(
+        q, k, v, key_value_seq_lengths=jnp.asarray(mask.kv_len, jnp.int32))
+  return tokamax.dot_product_attention(q, k, v, mask=mask.dense(q.shape[1], k.shape[1])[:, None])
+
+
+def _tokamax_fits(q, k, mask):
+  """Where tokamax's Mosaic kernel is known to compile and win: padding-only
+  masks (it has no prefix-LM mask) on 128-multiple lengths. Its failures come
+  at compile time (e.g. "dimension 3 must have size smaller or a multiple of
+  its tiling 64, but got 304"), too late to fall back, so we check first."""
+  return not mask.causal and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0
+
+
 @register('auto')
 def _auto(q, k, v, mask):
-  on_gpu = jax.default_backend() == 'gpu'
-  if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
+  """tokamax on a GPU where it is installed and fits, cuDNN otherwise; jnp on CPU/TPU."""
+  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    if _tokamax_fits(q, k, mask):
+      try:
+        return _tokamax(q, k, v, mask)
+      except NotImplementedError:
+        pass
     return _cudnn(q, k, v, mask)
   return _xla(q, k, v, mask)

@@ -106,12 +106,8 @@ def restore_train_state(manager, abstract_params, abstract_opt_state, step=None)
   return step, r['params'], r['opt_state'], r['meta']
 
 
-def restore_params(path, abstract_params):
-  """Restores model params from a workdir (latest step) or a step directory.
-
-  `path` is either a training workdir or `WORKDIR/checkpoints/STEP`.
-  Returns (step, params, meta).
-  """
+def _open(path):
+  """(read-only manager, step) for a workdir (latest step) or a step directory."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'checkpoint path {path} does not exist')
@@ -119,9 +115,28 @@ def restore_params(path, abstract_params):
     manager, step = make_manager(path.parent.parent, read_only=True), int(path.name)
   else:
     manager, step = make_manager(path, read_only=True), None
-  step = resolve_step(manager, step)
+  return manager, resolve_step(manager, step)
+
+
+def restore_params(path, abstract_params):
+  """Restores model params from a workdir (latest step) or a step directory.
+
+  `path` is either a training workdir or `WORKDIR/checkpoints/STEP`.
+  Returns (step, params, meta).
+  """
+  manager, step = _open(path)
   r = _restore_items(manager, step, params=abstract_params, meta=None)
   return step, r['params'], r['meta']
+
+
+def param_names(path):
+  """Names of the params saved at `path` ('decoder/blocks/0/attn/q/kernel', ...)."""
+  manager, step = _open(path)
+  try:
+    return set(_leaf_shapes(manager.item_metadata(step)['params']))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'checkpoint {manager.directory}/{step} is corrupt or unreadable: '
+                     f'{type(e).__name__}: {e}') from None
 
 
 def check_writable(workdir):

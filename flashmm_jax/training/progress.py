@@ -77,14 +77,22 @@ class Progress:
       return
     eta = (self.total_steps - step) / max(means['steps_per_s'], 1e-9)
     mfu = f' | MFU {100 * means["mfu"]:.1f}%' if 'mfu' in means else ''
-    logging.info('step %d/%d | loss %.4f | tok_acc %.3f | %.2f steps/s | %.1fk tok/s%s | ETA %s',
+    logging.info('step %d/%d | loss %.4f | tok_acc %.3f%s | %.2f steps/s | %.1fk tok/s%s | ETA %s',
                  step, self.total_steps, means['loss'], means['token_accuracy'],
-                 means['steps_per_s'], means['tokens_per_s'] / 1e3, mfu,
+                 _sparse_part(means), means['steps_per_s'], means['tokens_per_s'] / 1e3, mfu,
                  format_duration(eta))
     if self.writer is not None:
       for k, v in means.items():
         self.writer.add_scalar(f'train/{k}', v, step)
       self.writer.flush()
+
+
+def _sparse_part(means):
+  """' | gate_kl .. | sparsity ..%' for a sparse-attention run, else ''."""
+  part = f' | gate_kl {means["gate/kl"]:.4f}' if 'gate/kl' in means else ''
+  if 'sparsity/overall' in means:
+    part += f' | sparsity {100 * means["sparsity/overall"]:.1f}%'
+  return part
 
 
 def summarize(history, final_step, wall_seconds):
@@ -95,4 +103,7 @@ def summarize(history, final_step, wall_seconds):
   summary.update(final_step=final_step, wall_seconds=wall_seconds,
                  final_loss=history[-1][1]['loss'], jax_version=jax.__version__,
                  device_kind=jax.devices()[0].device_kind, device_count=jax.device_count())
+  for k in ('sparsity/overall', 'gate/kl'):
+    if k in history[-1][1]:
+      summary[f'final_{k.replace("/", "_")}'] = history[-1][1][k]
   return summary

@@ -49,15 +49,16 @@ class Trainer:
     self.tx, self.schedule = optimizer.make_optimizer(config.train)
     with sharding.activate(self.mesh, config.logical_axis_rules):
       self.spec = train_state.make_state_spec(config, self.tx, self.mesh)
-      self.step_fn = train_state.make_train_step(self.spec, self.tx,
-                                                 config.train.label_smoothing)
+      self.step_fn = train_state.make_train_step(
+          self.spec, self.tx, config.train.label_smoothing,
+          gate_loss_weight=config.train.gate_loss_weight, trainable=config.train.trainable)
     self.manager = checkpoint.make_manager(workdir, keep=config.train.keep_ckpts)
     self.step, self.params, self.rest, self.opt_state = self._restore_or_init()
 
   def _restore_or_init(self):
     with sharding.activate(self.mesh, self.config.logical_axis_rules):
       if not self.manager.all_steps():
-        return 0, *train_state.init_state(self.config, self.tx, self.spec)
+        return 0, *self._init()
       rest = train_state.init_rest(self.config)  # non-param state is not checkpointed
       p_sh, _, o_sh = self.spec.shardings
       step, params, opt_state, _ = checkpoint.restore_train_state(
@@ -65,6 +66,15 @@ class Trainer:
           train_state.abstract_with_shardings(self.spec.opt_state, o_sh))
     logging.info('Resumed from %s at step %d', self.manager.directory, step)
     return step, params, rest, opt_state
+
+  def _init(self):
+    """A fresh state, or one started from config.train.init_from (step 0)."""
+    path = self.config.train.init_from
+    if not path:
+      return train_state.init_state(self.config, self.tx, self.spec)
+    state = train_state.init_from_checkpoint(self.config, self.tx, self.spec, path)
+    logging.info('Initialised params from %s', path)
+    return state
 
   def model(self):
     return train_state.merge_model(self.spec, self.params, self.rest)

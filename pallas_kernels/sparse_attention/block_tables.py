@@ -79,7 +79,46 @@ def build_block_tables(block_mask: jax.Array, max_k: int | None = None,
 
 
 def block_mask_from_tables(ids: jax.Array, count: jax.Array, n: int) -> jax.Array:
-  """Inverse of compact_rows: boolean `[..., n]` mask from (ids, count)."""
-  valid = jnp.arange(ids.shape[-1]) < count[..., None]        # [..., max_sel]
-  hits = (ids[..., :, None] == jnp.arange(n)) & valid[..., None]
-  return hits.any(axis=-2)
+  """Inverse of compact_rows: boolean `[..., n]` mask from (ids, count).
+
+  A scatter, so memory stays O(rows * n) however wide the tables are.
+  """
+  lead, width = ids.shape[:-1], ids.shape[-1]
+  valid = jnp.arange(width) < count[..., None]
+  cols = jnp.where(valid, ids, n).reshape(-1, width)       # n = a dropped slot
+  rows = jnp.arange(cols.shape[0])[:, None]
+  mask = jnp.zeros((cols.shape[0], n + 1), jnp.bool_).at[rows, cols].set(True)
+  return mask[:, :n].reshape(*lead, n)
+
+
+def with_q_tables(tables: BlockTables, n_k: int) -> BlockTables:
+  """Adds the transposed (per key block) tables the dk/dv pass reads, when
+  only the forward's kv tables were built (tables_from_scores)."""
+  if tables.q_ids is not None:
+    return tables
+  mask = block_mask_from_tables(tables.kv_ids, tables.kv_count, n_k)
+  q_ids, q_count = compact_rows(jnp.swapaxes(mask, -1, -2), mask.shape[-2])
+  return tables._replace(q_ids=q_ids, q_count=q_count)
+
+
+def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """kv tables straight from block scores `[..., nK]`, no block mask.
+
+  Keeps per row the `budget[...]` highest-scoring blocks (at most the static
+  `max_k`); a score of -inf is never kept, +inf always (forced blocks sort
+  first). Returns (ids [..., max_k] ascending and padded as compact_rows
+  does, count [...]). One top_k and a sort of max_k entries: cheaper on a GPU
+  than ranking all nK blocks, which is what the gate's inference path wants.
+  """
+  n_k = scores.shape[-1]
+  if not 1 <= max_k <= n_k:
+    raise ValueError(f"{max_k=} must be in [1, {n_k=}]")
+  vals, idx = jax.lax.top_k(scores, max_k)
+  keep = (jnp.arange(max_k) < budget[..., None]) & (vals > -jnp.inf)
+  count = keep.sum(axis=-1, dtype=jnp.int32)
+  # Unkept slots sort last (n_k); then repeat the last valid id over them.
+  ids = jnp.sort(jnp.where(keep, idx, n_k), axis=-1).astype(jnp.int32)
+  last = jnp.take_along_axis(ids, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  ids = jnp.where(keep.any(-1, keepdims=True), jnp.minimum(ids, last), 0)
+  return ids, count

@@ -120,3 +120,15 @@ def test_unknown_implementation_lists_valid_names():
   q = k = v = jnp.zeros((1, 2, 2, 8))
   with pytest.raises(ValueError, match=r"Unknown attention implementation 'flash3'.*'xla'"):
     attention.attend(q, k, v, _spec([0], [2], [0]), implementation='flash3')
+
+
+def test_tokamax_absent_is_a_clear_not_implemented():
+  """Without the package 'tokamax' says so, and 'auto' falls back past it."""
+  try:
+    import tokamax  # noqa: F401
+    pytest.skip('tokamax is installed here')
+  except ImportError:
+    pass
+  q = jnp.ones((1, 2, 2, 8), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match='tokamax'):
+    attention.attend(q, q, q, _spec([0], [2], [0]), implementation='tokamax')

@@ -1,52 +1,21 @@
-"""Block-sparse attention: tables round-trip, reference vs an independent dense
-formula, and the Pallas kernel (interpret=True, CPU) vs the reference.
-
-Shapes are tiny on purpose: interpret mode costs ~0.4 ms per grid step.
+"""Block-sparse attention: tables round-trip, and the reference itself run
+through the shared suite (sparse_attention_base.py) so the suite's cases are
+checked against the independent dense formula. Kernels have their own files
+(test_sparse_triton.py, ...).
 """
 
 import numpy as np
-import pytest
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention import (
     BlockSizes, block_mask_from_tables, build_block_tables,
-    reference_sparse_attention, sparse_attention)
-
-BS = BlockSizes(block_q=32, block_k=32)
-B, T, D = 2, 64, 32
-N_BLOCKS = T // 32
-
+    reference_sparse_attention)
+from tests.pallas_kernels.sparse_attention_base import SparseAttentionTestBase
 
 def _random_mask(seed, shape, p=0.5):
   return jax.random.bernoulli(jax.random.PRNGKey(seed), p, shape)
-
-
-def _inputs(seed, hq, hkv, dtype):
-  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-  q = jax.random.normal(kq, (B, T, hq, D), jnp.float32).astype(dtype)
-  k = jax.random.normal(kk, (B, T, hkv, D), jnp.float32).astype(dtype)
-  v = jax.random.normal(kv, (B, T, hkv, D), jnp.float32).astype(dtype)
-  return q, k, v
-
-
-def _dense_prefix_lm(q, k, v, kv_len, prefix_len):
-  """Independent dense causal prefix-LM attention (no block logic at all)."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  group = q.shape[2] // k.shape[2]
-  out = np.zeros_like(q)
-  for b in range(q.shape[0]):
-    for h in range(q.shape[2]):
-      for i in range(q.shape[1]):
-        js = [j for j in range(k.shape[1])
-              if j < kv_len[b] and (j < prefix_len[b] or j <= i)]
-        if not js:
-          continue
-        s = k[b, js, h // group] @ q[b, i, h] / np.sqrt(q.shape[-1])
-        p = np.exp(s - s.max())
-        out[b, i, h] = p @ v[b, js, h // group] / p.sum()
-  return out
 
 
 # ---------------------------------------------------------------- tables ----
@@ -75,70 +44,18 @@ def test_tables_static_width():
 
 # ------------------------------------------------------------- reference ----
 
-def test_reference_all_blocks_is_dense_prefix_lm():
-  q, k, v = _inputs(1, 4, 2, jnp.float32)
-  kv_len, prefix_len = [64, 41], [0, 20]
-  mask = jnp.ones((B, 2, N_BLOCKS, N_BLOCKS), bool)
-  out = reference_sparse_attention(q, k, v, mask, jnp.array(kv_len),
-                                   jnp.array(prefix_len), block_sizes=BS)
-  np.testing.assert_allclose(out, _dense_prefix_lm(q, k, v, kv_len, prefix_len),
-                             atol=1e-5, rtol=1e-5)
+def _reference_kernel(q, k, v, tables, kv_len, prefix_len, *, block_sizes):
+  """The reference behind the base's kernel contract (mask rebuilt from tables)."""
+  n_k = k.shape[1] // block_sizes.block_k
+  mask = block_mask_from_tables(tables.kv_ids, tables.kv_count, n_k)
+  return reference_sparse_attention(q, k, v, mask, kv_len, prefix_len,
+                                    block_sizes=block_sizes)
 
 
-# ---------------------------------------------------------------- kernel ----
-
-def _block_mask(kind, hkv, seed):
-  shape = (B, hkv, N_BLOCKS, N_BLOCKS)
-  if kind == "all":
-    return jnp.ones(shape, bool)
-  if kind == "diagonal":
-    return jnp.broadcast_to(jnp.eye(N_BLOCKS, dtype=bool), shape)
-  if kind == "random":
-    return _random_mask(seed, shape)
-  if kind == "empty_row":  # batch 1, query block 1 selects nothing
-    return jnp.ones(shape, bool).at[1, 0, 1].set(False)
-  raise ValueError(kind)
-
-
-CASES = [  # (mask kind, Hq, Hkv, dtype, kv_len, prefix_len)
-    ("all", 1, 1, jnp.float32, [64, 64], [0, 0]),
-    ("all", 4, 1, jnp.float32, [64, 41], [0, 20]),
-    ("diagonal", 2, 2, jnp.float32, [64, 50], [10, 0]),
-    ("random", 4, 1, jnp.float32, [64, 37], [33, 5]),
-    ("empty_row", 4, 1, jnp.float32, [0, 45], [0, 40]),   # batch 0: no keys
-    ("random", 2, 2, jnp.bfloat16, [64, 37], [0, 12]),
-    ("all", 4, 1, jnp.bfloat16, [64, 41], [0, 20]),
-]
-
-
-@pytest.mark.parametrize("kind,hq,hkv,dtype,kv_len,prefix_len", CASES)
-def test_kernel_matches_reference(kind, hq, hkv, dtype, kv_len, prefix_len):
-  q, k, v = _inputs(hq * 10 + hkv, hq, hkv, dtype)
-  mask = _block_mask(kind, hkv, seed=hq)
-  kv_len, prefix_len = jnp.array(kv_len), jnp.array(prefix_len)
-  t = build_block_tables(mask)
-  out = sparse_attention(q, k, v, t.kv_ids, t.kv_count, kv_len, prefix_len,
-                         block_sizes=BS, interpret=True)
-  ref = reference_sparse_attention(q, k, v, mask, kv_len, prefix_len,
-                                   block_sizes=BS)
-  assert out.dtype == dtype and out.shape == q.shape
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(ref, np.float32), atol=tol, rtol=tol)
-  if kind == "empty_row":  # rows with no visible key are exactly 0
-    assert not np.any(np.asarray(out[0]))
-    assert not np.any(np.asarray(out[1, 32:]))
-
-
-def test_kernel_rejects_bad_shapes():
-  q, k, v = _inputs(0, 1, 1, jnp.float32)
-  t = build_block_tables(jnp.ones((B, 1, N_BLOCKS, N_BLOCKS), bool))
-  lens = jnp.array([T, T])
-  with pytest.raises(ValueError, match="must be a multiple of block_q=48"):
-    sparse_attention(q, k, v, t.kv_ids, t.kv_count, lens, lens,
-                     block_sizes=BlockSizes(block_q=48, block_k=32), interpret=True)
-  with pytest.raises(ValueError, match="query heads must be a multiple"):
-    q3 = jnp.concatenate([q, q, q], axis=2)               # 3 query heads
-    k2, v2 = (jnp.concatenate([x, x], axis=2) for x in (k, v))  # 2 kv heads
-    sparse_attention(q3, k2, v2, t.kv_ids, t.kv_count, lens, lens,
-                     block_sizes=BS, interpret=True)
+class TestReferenceThroughBase(SparseAttentionTestBase):
+  """Checks the shared cases themselves: tables -> mask round trip, the dense
+  formula on all-blocks cases, keyless rows exactly 0. Cheap (plain jnp)."""
+  kernel = staticmethod(_reference_kernel)
+  block_sizes = (BlockSizes(32, 32), BlockSizes(16, 32))
+  head_dims = (32, 16)
+  supports_grad = False

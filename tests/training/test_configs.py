@@ -50,3 +50,12 @@ def test_baseline_is_flash_shape_with_plain_paths():
   b, f = baseline.get_config('small'), flash.get_config('small')
   assert b.model.lm.to_dict() == f.model.lm.to_dict()
   assert (b.model.attention, b.model.matmul, b.model.dtype) == ('xla', 'xla', 'bfloat16')
+
+
+@pytest.mark.parametrize('variant', sorted(common.SIZE_DATA))
+def test_sparse_flag_is_the_gate_recipe(variant):
+  assert not flash.get_config(variant).model.sparse.enabled  # dense unless asked
+  c = flash.get_config(f'{variant},sparse')
+  assert c.model.sparse.enabled and c.train.trainable == 'gate' and c.train.gate_loss_weight > 0
+  tokens = (c.data.image_size // c.model.vision.patch_size) ** 2 + c.data.max_text_len
+  assert tokens // c.model.sparse.block_k >= 4, 'too few key blocks to prune'

@@ -1,0 +1,404 @@
+"""Block-sparse attention against dense kernels on one GPU, in one run.
+
+  python benchmarks/attention.py --out DIR [--seqs 2048,4096] [--check]
+
+For each sequence length (batch x seq = --tokens, 16 query heads, GQA 4,
+head dim 128, bf16) it times, as the median of --repeats batches of --iters
+calls: cuDNN and tokamax's mosaic kernel (dense causal), our Mosaic kernel
+with every visible tile listed (dense mode), and our kernels at each block
+sparsity of --sparsities. Selection (block scores from pooled q/k, a per-row
+budget, the tables) is inside the timed region. Writes attention.json and
+attention.md to --out; --check first compares every kernel with the jnp
+reference on small shapes and stops on a mismatch.
+"""
+
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # noqa: E402
+from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
+from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
+from pallas_kernels.sparse_attention import decode  # noqa: E402
+from pallas_kernels.sparse_attention import reference  # noqa: E402
+from pallas_kernels.sparse_attention import triton  # noqa: E402
+
+FLAGS = flags.DEFINE_string('out', '/tmp/attention_bench', 'output folder')
+_SEQS = flags.DEFINE_list('seqs', ['2048', '4096', '8192', '16384', '32768'], 'sequence lengths')
+_SPARSITIES = flags.DEFINE_list('sparsities', ['0.5', '0.65', '0.8'], 'block sparsities')
+_TOKENS = flags.DEFINE_integer('tokens', 16384, 'batch x seq')
+_HEADS = flags.DEFINE_integer('heads', 16, 'query heads')
+_KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'key/value heads')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'head dim')
+_VARIANTS = flags.DEFINE_list('variants', ['64x2'], 'Mosaic block_k x K/V stages; '
+                              'the first also runs the prefix-LM mask')
+_ITERS = flags.DEFINE_integer('iters', 20, 'calls per timed batch')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'timed batches (median)')
+_CHECK = flags.DEFINE_bool('check', True, 'compare kernels with the reference first')
+_BASELINES = flags.DEFINE_list('baselines', ['cudnn', 'tokamax'], 'dense kernels to time')
+_MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd', 'decode'], 'what to time')
+_BWD_SEQS = flags.DEFINE_list('bwd_seqs', ['4096', '16384'], 'sequence lengths of fwd+bwd')
+_DECODE = flags.DEFINE_list('decode', ['1x8192', '8x8192', '1x32768', '8x32768'],
+                            'decode batch x cache length')
+
+BQ = mosaic_gpu.TILE_Q
+
+
+def time_ms(fn, *args):
+  return timing.time_ms(fn, *args, iters=_ITERS.value, repeats=_REPEATS.value)
+
+
+def visible_tiles(n_q, n_k, block_k, seq, prefix):
+  """bool [nQ, nK]: tiles holding at least one visible (causal/prefix) key."""
+  q_last = (np.arange(n_q) + 1) * BQ - 1
+  k_first = np.arange(n_k) * block_k
+  return (k_first[None, :] <= q_last[:, None]) | (k_first[None, :] < prefix)
+
+
+def select_blocks(q, k, keep, visible, block_k):
+  """The timed selection stage: pooled block scores, a per-row budget, tables.
+
+  Stands in for the gate's inference path (mean-pooled queries against
+  max-pooled keys of each kv head; first and diagonal blocks forced) so that
+  its cost is inside the timing; the learned projection adds one small matmul.
+  `visible` is a static numpy [nQ, nK] array.
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qp = q.reshape(b, t // BQ, BQ, hkv, hq // hkv, d).mean(axis=(2, 4))
+  kp = k.reshape(b, -1, block_k, hkv, d).max(axis=2)
+  scores = jnp.einsum('bqhd,bkhd->bhqk', qp, kp, preferred_element_type=jnp.float32)
+  n_q, n_k = visible.shape
+  # Every key block overlapping the tile's own rows: each query sees itself.
+  k_first = np.arange(n_k)[None] * block_k
+  q_first = np.arange(n_q)[:, None] * BQ
+  forced = ((k_first >= q_first) & (k_first < q_first + BQ)) | (k_first == 0)
+  scores = jnp.where(forced, jnp.inf, jnp.where(visible, scores, -jnp.inf))
+  budget = np.maximum(np.ceil(keep * visible.sum(-1)), forced.sum(-1)).astype(np.int32)
+  kv_ids, kv_count = bt.tables_from_scores(
+      scores, jnp.broadcast_to(budget, scores.shape[:-1]), int(budget.max()))
+  return bt.BlockTables(kv_ids, kv_count, None, None)
+
+
+def make_inputs(seq, seed=0):
+  b = max(1, _TOKENS.value // seq)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  shape_q = (b, seq, _HEADS.value, _HEAD_DIM.value)
+  shape_kv = (b, seq, _KV_HEADS.value, _HEAD_DIM.value)
+  q = jax.random.normal(keys[0], shape_q, jnp.bfloat16)
+  k = jax.random.normal(keys[1], shape_kv, jnp.bfloat16)
+  v = jax.random.normal(keys[2], shape_kv, jnp.bfloat16)
+  return q, k, v
+
+
+def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic'):
+  """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts."""
+  visible = visible_tiles(seq // BQ, seq // block_k, block_k, seq, prefix)
+  sizes = bt.BlockSizes(BQ, block_k)
+  config = mosaic_gpu.Config(stages)
+  select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k))
+
+  @jax.jit
+  def kernel(q, k, v, tables):
+    b = q.shape[0]
+    kv_len = jnp.full((b,), seq, jnp.int32)
+    prefix_len = jnp.full((b,), prefix, jnp.int32)
+    if impl == 'triton':
+      return triton.sparse_attention(q, k, v, tables, kv_len, prefix_len, block_sizes=sizes)
+    if impl == 'mosaic_vjp':   # differentiable: the Mosaic forward and backward
+      return mosaic_gpu.sparse_attention(q, k, v, tables, kv_len, prefix_len,
+                                         block_sizes=sizes, config=config)
+    return mosaic_gpu.sparse_attention_fwd(
+        q, k, v, tables, kv_len, prefix_len, block_sizes=sizes, config=config)[0]
+
+  @jax.jit
+  def run(q, k, v):
+    tables = select_blocks(q, k, keep, visible, block_k)
+    return kernel(q, k, v, tables), tables.kv_count
+  return run, select, kernel
+
+
+def dense_baselines():
+  fns = {}
+  if 'cudnn' in _BASELINES.value:
+    fns['cudnn'] = jax.jit(functools.partial(
+        jax.nn.dot_product_attention, is_causal=True, implementation='cudnn'))
+  if 'tokamax' in _BASELINES.value:
+    try:
+      import tokamax
+      fns['tokamax_mosaic'] = jax.jit(functools.partial(
+          tokamax.dot_product_attention, is_causal=True, implementation='mosaic'))
+    except ImportError as e:
+      print(f'tokamax not available: {e}')
+  return fns
+
+
+def check_kernels():
+  """Mosaic vs the reference on small ragged shapes; raises on a mismatch."""
+  rows = []
+  for seed, (b, t, hq, hkv, bk, kv_len, prefix, p) in enumerate([
+      (2, 512, 4, 1, 64, [512, 300], [0, 129], 0.5),
+      (1, 1024, 8, 1, 128, [1000], [1000], 1.0),
+      (1, 768, 2, 2, 64, [768], [200], 0.3),
+      (1, 256, 4, 4, 64, [256], [0], 0.0)]):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (b, t, hq, 128), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (b, t, hkv, 128), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (b, t, hkv, 128), jnp.bfloat16)
+    mask = jax.random.bernoulli(keys[3], p, (b, hkv, t // BQ, t // bk))
+    tables = bt.build_block_tables(mask)
+    sizes = bt.BlockSizes(BQ, bk)
+    kv_len, prefix = jnp.array(kv_len), jnp.array(prefix)
+    ref = reference.reference_sparse_attention(q, k, v, mask, kv_len, prefix, block_sizes=sizes)
+    out, lse = mosaic_gpu.sparse_attention_fwd(q, k, v, tables, kv_len, prefix, block_sizes=sizes)
+    ref32, out32 = np.asarray(ref, np.float32), np.asarray(out, np.float32)
+    err = float(np.linalg.norm(out32 - ref32) / max(np.linalg.norm(ref32), 1e-6))
+    rows.append(dict(case=seed, rel_err=err, nan=bool(np.isnan(out32).any())))
+    print(f'check mosaic case {seed}: rel err {err:.2e}')
+    if not err < 2e-2 or rows[-1]['nan']:
+      raise SystemExit(f'mosaic kernel mismatch in case {seed}: rel err {err}')
+    # Gradients (the Mosaic custom_vjp) and the Triton forward.
+    w = jax.random.normal(keys[0], q.shape, jnp.float32)
+    def loss(fn):
+      return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    ours = loss(lambda q, k, v: mosaic_gpu.sparse_attention(
+        q, k, v, tables, kv_len, prefix, block_sizes=sizes))
+    theirs = loss(lambda q, k, v: reference.reference_sparse_attention(
+        q, k, v, mask, kv_len, prefix, block_sizes=sizes))
+    try:
+      got = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
+      tri = triton.sparse_attention(q, k, v, tables, kv_len, prefix, block_sizes=sizes)
+    except Exception as e:  # the Triton kernels: reported, the forward goes on
+      rows[-1]['triton_error'] = f'{type(e).__name__}: {str(e)[-300:]}'
+      print(f'check case {seed}: triton failed: {rows[-1]["triton_error"]}')
+      continue
+    want = jax.grad(theirs, argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (q, k, v)))
+    errs = {f'd{n}': float(np.linalg.norm(np.asarray(g, np.float32) - np.asarray(r))
+                          / max(np.linalg.norm(np.asarray(r)), 1e-6))
+            for n, g, r in zip('qkv', got, want)}
+    errs['triton_fwd'] = float(np.linalg.norm(np.asarray(tri, np.float32) - ref32)
+                               / max(np.linalg.norm(ref32), 1e-6))
+    rows[-1].update(errs)
+    print(f'check case {seed}: ' + ', '.join(f'{n} {e:.2e}' for n, e in errs.items()))
+    if not all(e < 3e-2 for e in errs.values()):
+      raise SystemExit(f'gradient or triton mismatch in case {seed}: {errs}')
+  return rows
+
+
+def bench_seq(seq, prefix, variant, baselines):
+  """One row: dense baselines (causal only), our kernel dense and sparse."""
+  block_k, stages = variant
+  q, k, v = make_inputs(seq)
+  b = q.shape[0]
+  res = dict(seq=seq, batch=b, prefix=prefix, block_k=block_k, stages=stages, ms={}, tflops={})
+  if prefix == 0:
+    for name, fn in baselines.items():
+      try:
+        res['ms'][name] = time_ms(fn, q, k, v)
+      except Exception as e:  # a baseline that fails is reported, not fatal
+        print(f'{name} failed at {seq}: {type(e).__name__}: {str(e)[:300]}')
+  for sparsity in [0.0] + [float(s) for s in _SPARSITIES.value]:
+    name = 'ours_dense' if sparsity == 0 else f'ours_s{round(100 * sparsity)}'
+    run, select, kernel = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages)
+    res['ms'][name] = time_ms(run, q, k, v)
+    computed = int(jax.device_get(run(q, k, v)[1]).sum()) * (_HEADS.value // _KV_HEADS.value)
+    res['tflops'][name] = 4 * BQ * block_k * _HEAD_DIM.value * computed / res['ms'][name] / 1e9
+    if sparsity in (0.0, 0.65):   # where the time goes: kernel alone, selection alone
+      tables = select(q, k)
+      res['ms'][name + '_kernel'] = time_ms(kernel, q, k, v, tables)
+      res['ms'][name + '_select'] = time_ms(select, q, k)
+      res['tflops'][name + '_kernel'] = (res['tflops'][name] * res['ms'][name]
+                                         / res['ms'][name + '_kernel'])
+  if block_k == 64 and prefix == 0:   # the portable Triton kernel, same tables
+    try:
+      run = sparse_fn(0.35, seq, prefix, block_k, stages, impl='triton')[0]
+      res['ms']['triton_s65'] = time_ms(run, q, k, v)
+    except Exception as e:
+      print(f'triton failed at {seq}: {type(e).__name__}: {str(e)[-300:]}')
+  dense = [res['ms'][n] for n in baselines if res['ms'].get(n)]
+  res['best_dense_ms'] = min(dense) if dense else res['ms']['ours_dense']
+  print(json.dumps(res))
+  return res
+
+
+def grad_fn(fn):
+  """jitted (q, k, v) -> grads of a fixed projection of fn's output."""
+  def loss(q, k, v):
+    out = fn(q, k, v)
+    out = out[0] if isinstance(out, tuple) else out
+    return jnp.sum(out.astype(jnp.float32) * 1e-3)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def bench_fwdbwd(seq, block_k, baselines):
+  """Forward + backward: our Mosaic forward and backward (custom_vjp), against
+  the dense kernels' own backward (selection inside, as in the forward)."""
+  q, k, v = make_inputs(seq)
+  res = dict(seq=seq, block_k=block_k, ms={})
+  for name, fn in baselines.items():
+    try:
+      res['ms'][name] = time_ms(grad_fn(fn), q, k, v)
+    except Exception as e:
+      print(f'{name} fwd+bwd failed at {seq}: {type(e).__name__}: {str(e)[:300]}')
+  for sparsity in (0.0, 0.65):
+    name = 'ours_dense' if sparsity == 0 else f'ours_s{round(100 * sparsity)}'
+    run = sparse_fn(1.0 - sparsity, seq, 0, block_k, 2, impl='mosaic_vjp')[0]
+    try:
+      res['ms'][name] = time_ms(grad_fn(run), q, k, v)
+    except Exception as e:
+      print(f'{name} fwd+bwd failed at {seq}: {type(e).__name__}: {str(e)[-300:]}')
+  dense = [res['ms'][n] for n in baselines if res['ms'].get(n)]
+  res['best_dense_ms'] = min(dense) if dense else res['ms'].get('ours_dense')
+  print(json.dumps(res))
+  return res
+
+
+def bench_decode(batch, cache, block_k=64, new=1):
+  """One decode step (new tokens of each GQA group) against a full cache."""
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  hq, hkv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
+  q = jax.random.normal(keys[0], (batch, new, hq, d), jnp.bfloat16)
+  kc = jax.random.normal(keys[1], (batch, cache, hkv, d), jnp.bfloat16)
+  vc = jax.random.normal(keys[2], (batch, cache, hkv, d), jnp.bfloat16)
+  kv_len = jnp.full((batch,), cache, jnp.int32)
+  offset = kv_len - new
+  n_k = cache // block_k
+  res = dict(batch=batch, cache=cache, block_k=block_k, ms={})
+  dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn'))
+  res['ms']['cudnn'] = time_ms(dense, q, kc, vc)
+  res['ms']['xla'] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation='xla')), q, kc, vc)
+
+  # Max-pooled keys live beside the cache (updated once per filled block, i.e.
+  # 1/block_k of a step's cost), so a step does not re-read every key to select.
+  pooled = jax.jit(lambda k: k.reshape(batch, n_k, block_k, hkv, d).max(axis=2))(kc)
+
+  def sparse(keep):
+    @jax.jit
+    def run(q, k, v, kp):
+      # Selection inside: the group's mean query against the pooled keys.
+      qp = q.reshape(batch, new, hkv, hq // hkv, d).mean(axis=(1, 3))
+      scores = jnp.einsum('bhd,bkhd->bhk', qp, kp, preferred_element_type=jnp.float32)
+      last = jnp.arange(n_k) >= n_k - 1
+      scores = jnp.where(last | (jnp.arange(n_k) == 0), jnp.inf, scores)
+      budget = max(2, int(np.ceil(keep * n_k)))
+      ids, count = bt.tables_from_scores(scores, jnp.full(scores.shape[:-1], budget), budget)
+      return decode.sparse_decode(q, k, v, ids, count, kv_len, kv_len * 0, offset,
+                                  block_k=block_k)
+    return run
+  for sparsity in (0.0, 0.65):
+    res['ms'][f'ours_s{round(100 * sparsity)}'] = time_ms(sparse(1 - sparsity), q, kc, vc,
+                                                          pooled)
+  res['best_dense_ms'] = min(res['ms']['cudnn'], res['ms']['xla'])
+  print(json.dumps(res))
+  return res
+
+
+def check_decode():
+  """The Triton decode kernel vs its reference on the GPU."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  q = jax.random.normal(keys[0], (2, 4, 16, 128), jnp.bfloat16)
+  kc = jax.random.normal(keys[1], (2, 4096, 4, 128), jnp.bfloat16)
+  vc = jax.random.normal(keys[2], (2, 4096, 4, 128), jnp.bfloat16)
+  scores = jax.random.normal(keys[3], (2, 4, 64))
+  ids, count = bt.tables_from_scores(scores, jnp.array([[20, 5, 64, 1], [3, 30, 7, 64]]), 64)
+  args = (q, kc, vc, ids, count, jnp.array([4000, 2500]), jnp.array([100, 0]),
+          jnp.array([3996, 2496]))
+  out = decode.sparse_decode(*args, block_k=64)
+  ref = decode.sparse_decode_reference(*args, block_k=64)
+  ref32, out32 = np.asarray(ref, np.float32), np.asarray(out, np.float32)
+  err = float(np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32))
+  print(f'check triton decode: rel err {err:.2e}')
+  if not err < 2e-2:
+    raise SystemExit(f'triton decode mismatch: rel err {err}')
+  return dict(case='decode', rel_err=err)
+
+
+def markdown(results, fwdbwd, decodes, env):
+  names = sorted({n for r in results for n in r['ms']})
+  lines = [f"# Block-sparse attention, forward ({env['device']}, jax {env['jax']}, {env['date']})",
+           '', f"{_HEADS.value} query heads, {_KV_HEADS.value} kv heads, head dim "
+           f"{_HEAD_DIM.value}, bf16, batch x seq = {_TOKENS.value}; tables {BQ} x block_k. "
+           'ms (median), and the ratio to the fastest dense kernel of the run (causal rows: '
+           'cuDNN / tokamax; prefix rows: our own dense mode). `_kernel` = tables built '
+           'outside the timing, `_select` = selection and tables alone.', '',
+           '| seq | prefix | block_k, stages | ' + ' | '.join(names) + ' |',
+           '| --- | --- | --- | ' + ' | '.join('---' for _ in names) + ' |']
+  for r in results:
+    cells = []
+    for n in names:
+      ms = r['ms'].get(n)
+      cells.append('' if ms is None else f"{ms:.3f} ({ms / r['best_dense_ms']:.2f}x)")
+    lines.append(f"| {r['seq']} | {r['prefix']} | {r['block_k']}, {r['stages']} | "
+                 + ' | '.join(cells) + ' |')
+  tnames = sorted({n for r in results for n in r['tflops']})
+  lines += ['', 'Throughput on the computed tiles (TFLOP/s):', '',
+            '| seq | prefix | block_k, stages | ' + ' | '.join(tnames) + ' |',
+            '| --- | --- | --- | ' + ' | '.join('---' for _ in tnames) + ' |']
+  for r in results:
+    lines.append(f"| {r['seq']} | {r['prefix']} | {r['block_k']}, {r['stages']} | " +
+                 ' | '.join(f"{r['tflops'][n]:.0f}" if n in r['tflops'] else ''
+                            for n in tnames) + ' |')
+  for title, rows, key in (('Forward + backward', fwdbwd, 'seq'),
+                           ('Decode, one new token per sequence', decodes, 'batch')):
+    if not rows:
+      continue
+    cols = sorted({n for r in rows for n in r['ms']})
+    head = 'seq | block_k' if key == 'seq' else 'batch | cache'
+    lines += ['', f'{title} (ms, ratio to the fastest dense kernel):', '',
+              f'| {head} | ' + ' | '.join(cols) + ' |',
+              '| --- | --- | ' + ' | '.join('---' for _ in cols) + ' |']
+    for r in rows:
+      first = (r['seq'], r['block_k']) if key == 'seq' else (r['batch'], r['cache'])
+      cells = [f"{r['ms'][c]:.3f} ({r['ms'][c] / r['best_dense_ms']:.2f}x)"
+               if r['ms'].get(c) else '' for c in cols]
+      lines.append(f'| {first[0]} | {first[1]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(_):
+  os.makedirs(FLAGS.value, exist_ok=True)
+  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+             python=platform.python_version(), date=time.strftime('%Y-%m-%d'))
+  print(env)
+  checks = check_kernels() if _CHECK.value else []
+  if _CHECK.value and 'decode' in _MODES.value:
+    checks.append(check_decode())
+  baselines = dense_baselines()
+  results, fwdbwd, decodes = [], [], []
+  variants = [tuple(map(int, v.split('x'))) for v in _VARIANTS.value]
+
+  def save():
+    with open(os.path.join(FLAGS.value, 'attention.json'), 'w') as f:
+      json.dump(dict(env=env, checks=checks, forward=results, fwdbwd=fwdbwd,
+                     decode=decodes), f, indent=1)
+  for seq in map(int, _SEQS.value) if 'fwd' in _MODES.value else ():
+    for i, variant in enumerate(variants):
+      for prefix in (0, seq // 4) if i == 0 else (0,):
+        results.append(bench_seq(seq, prefix, variant, baselines))
+      save()
+  for seq in map(int, _BWD_SEQS.value) if 'fwdbwd' in _MODES.value else ():
+    fwdbwd.append(bench_fwdbwd(seq, variants[0][0], baselines))
+    save()
+  for spec in _DECODE.value if 'decode' in _MODES.value else ():
+    decodes.append(bench_decode(*map(int, spec.split('x'))))
+    save()
+  table = markdown(results, fwdbwd, decodes, env)
+  with open(os.path.join(FLAGS.value, 'attention.md'), 'w') as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == '__main__':
+  app.run(main)

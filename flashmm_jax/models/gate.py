@@ -1,0 +1,183 @@
+"""The learned block gate of dynamic sparse attention (issue #10), as an NNX module.
+
+Split from ops/sparse_gate.py by the import rules: the gate's params need
+models.layers.param (logical axes) and ops/ does not import models/, so the
+parameter-free math (pooling, selection, target, KL, statistics) lives in
+ops.sparse_gate and this file holds the projections and the sparse path of
+one attention layer: gate -> selection -> tables -> ops.sparse_attention.
+
+The gate reads the layer's q, k under stop_gradient: its only training
+signal is the distillation KL (train.gate_loss_weight), and that KL never
+pulls on the LM's own projections. The selection is not differentiable, so
+the LM loss does not reach the gate either.
+
+Statistics and the KL leave the model as nnx.Intermediate values, recorded
+only inside `nnx.capture(..., nnx.Intermediate)` (the train step and the eval
+decoder do that); `layer_stats` and `sparsity_metrics` turn them into named
+figures.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flashmm_jax import ops
+from flashmm_jax.models import layers
+from flashmm_jax.ops import sparse_gate as sg
+from pallas_kernels.sparse_attention import block_tables as bt
+
+# The attribute name in Attention: params sit under .../attn/block_gate/, which
+# is how train.trainable='gate' and train.init_from find them.
+GATE_NAME = 'block_gate'
+
+
+def check_sparse_config(sp):
+  """Fails at build time on a bad config.model.sparse."""
+  if sp.block_q < 1 or sp.block_k < 1:
+    raise ValueError(f'config.model.sparse block_q={sp.block_q}, block_k={sp.block_k} must be >= 1')
+  if sp.gate_dim < 2 or sp.gate_dim % 2:
+    raise ValueError(f'config.model.sparse.gate_dim={sp.gate_dim} must be even (rotary pairs)')
+  if not 0.0 <= sp.threshold <= 1.0:
+    raise ValueError(f'config.model.sparse.threshold={sp.threshold} must be in [0, 1]')
+  if sp.top_k < 0:
+    raise ValueError(f'config.model.sparse.top_k={sp.top_k} must be >= 0 (0 = no budget)')
+  ops.sparse_attention.get(sp.kernel)  # unknown kernel names fail here
+
+
+def _record(module, name, value):
+  # sow outside nnx.capture is deprecated and would grow the module's state on
+  # every call (retracing jitted callers), so record only when captured.
+  if hasattr(module, '__captures__'):
+    module.sow(nnx.Intermediate, name, value, reduce_fn=lambda _, new: new,
+               init_fn=lambda: None)
+
+
+class BlockGate(nnx.Module):
+  """Scores (query block, key block) pairs for one attention layer and runs its
+  sparse path. Query projection per query head, key projection per kv head."""
+
+  def __init__(self, num_heads, num_kv_heads, head_dim, cfg, rope_base, *, rngs):
+    sp = cfg.sparse
+    check_sparse_config(sp)
+    _, param_dtype = layers.dtypes(cfg)
+    self.block_sizes = bt.BlockSizes(sp.block_q, sp.block_k)
+    self.threshold, self.top_k = float(sp.threshold), int(sp.top_k)
+    self.kernel, self.min_kv_blocks = sp.kernel, int(sp.min_kv_blocks)
+    self.rope_base, self.head_dim = rope_base, head_dim
+    self.group = num_heads // num_kv_heads
+    self.distill = False  # set by the train step when the KL is in the loss
+    init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                             in_axis=1, out_axis=2, batch_axis=(0,))
+    self.q_proj = layers.param(rngs, init, (num_heads, head_dim, sp.gate_dim),
+                               ('heads', 'head_dim', None), param_dtype)
+    self.k_proj = layers.param(rngs, init, (num_kv_heads, 3 * head_dim, sp.gate_dim),
+                               ('kv_heads', None, None), param_dtype)
+
+  def applies(self, num_keys):
+    """Whether a sequence is long enough for the sparse path (else dense is fine)."""
+    return math.ceil(num_keys / self.block_sizes.block_k) >= self.min_kv_blocks
+
+  def log_probs(self, q, k, mask, visible, num_queries):
+    """Pre-rotary q [B, T, Hq, D], k [B, S, Hkv, D] (padded to the blocks) ->
+    log-probabilities over key blocks [B, Hkv, nQ, nK], one per GQA group."""
+    bq, bk = self.block_sizes.block_q, self.block_sizes.block_k
+    gq = jnp.einsum('bqhd,hdg->bqhg', sg.pool_queries(q, bq, num_queries),
+                    self.q_proj[...].astype(jnp.float32))
+    gk = jnp.einsum('bkhe,heg->bkhg', sg.pool_keys(k, bk, mask.kv_len),
+                    self.k_proj[...].astype(jnp.float32))
+    # Rotary at each block's first position: the score sees relative offsets.
+    start = lambda n, size: jnp.broadcast_to(jnp.arange(n) * size, (q.shape[0], n))
+    gq = layers.rope(gq, start(gq.shape[1], bq), self.rope_base)
+    gk = layers.rope(gk, start(gk.shape[1], bk), self.rope_base)
+    b, n_q, hq, g_dim = gq.shape
+    gq = gq.reshape(b, n_q, hq // self.group, self.group, g_dim)
+    logits = jnp.einsum('bqkgd,bpkd->bkgqp', gq, gk) * g_dim ** -0.5
+    return sg.gate_log_probs(logits, visible)
+
+  def select(self, q_raw, k_raw, mask, num_queries, num_keys):
+    """Padded pre-rotary q, k -> (log-probs [B, Hkv, nQ, nK], visible tiles
+    [B, nQ, nK], selected block mask [B, Hkv, nQ, nK])."""
+    bs = self.block_sizes
+    n_q, n_k = q_raw.shape[1] // bs.block_q, k_raw.shape[1] // bs.block_k
+    visible = sg.visible_tiles(mask, num_queries, num_keys, n_q, n_k, bs)
+    log_p = self.log_probs(jax.lax.stop_gradient(q_raw), jax.lax.stop_gradient(k_raw),
+                           mask, visible, num_queries)
+    selected = sg.select_blocks(jnp.exp(log_p), visible, sg.forced_tiles(n_q, n_k, bs),
+                                threshold=self.threshold, top_k=self.top_k)
+    return log_p, visible, selected
+
+  def attend(self, q_raw, k_raw, q, k, v, mask):
+    """Sparse attention from position 0 (training or prefill): [B, T, Hq, D].
+
+    q_raw, k_raw: the layer's q, k before rotary (the gate's input); q, k, v:
+    what attention uses. Lengths that are not block multiples are padded here
+    (padded keys lie beyond kv_len, so they are masked) and sliced back.
+    """
+    bs = self.block_sizes
+    t, s = q.shape[1], k.shape[1]
+    q_raw, q = (sg.pad_axis(x, 1, bs.block_q) for x in (q_raw, q))
+    k_raw, k, v = (sg.pad_axis(x, 1, bs.block_k) for x in (k_raw, k, v))
+    log_p, visible, selected = self.select(q_raw, k_raw, mask, t, s)
+    width = sg.table_width(*selected.shape[2:], bs, self.top_k)
+    tables = bt.build_block_tables(selected, max_k=width)
+    out = ops.sparse_attention.sparse_attend(q, k, v, mask, tables, block_sizes=bs,
+                                             implementation=self.kernel)
+    stats = sg.tile_stats(selected, visible, block_sizes=bs, head_dim=self.head_dim,
+                          group=self.group)
+    for name, value in stats.items():
+      _record(self, name, value)
+    if self.distill:
+      target = sg.block_attention_target(q, k, mask, block_sizes=bs, num_queries=t)
+      _record(self, 'gate_kl', sg.gate_kl(target, log_p))
+    return out[:, :t]
+
+
+def gates(model):
+  """Every BlockGate in a model."""
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, BlockGate)]
+
+
+def set_distill(model, on):
+  """Turns the distillation target (a dense pass per layer) on or off."""
+  for g in gates(model):
+    g.distill = bool(on)
+
+
+def _layer_of(path):
+  """The decoder block index in a state path (..., 'blocks', i, ...)."""
+  keys = list(path)
+  return int(keys[keys.index('blocks') + 1])
+
+
+def layer_stats(intermediates):
+  """Captured gate values -> {name: f32 [num sparse layers]}, in layer order.
+
+  Empty when no layer took the sparse path (dense model, short sequence).
+  """
+  by_name = {}
+  for path, var in nnx.to_flat_state(intermediates):
+    if GATE_NAME in path:
+      by_name.setdefault(path[-1], []).append((_layer_of(path), var.get_value()))
+  return {name: jnp.stack([v for _, v in sorted(items, key=lambda x: x[0])])
+          for name, items in by_name.items()}
+
+
+def sparsity_metrics(stats):
+  """Named figures from layer_stats (or their sums over batches): sparsity per
+  layer and overall, relative to the visible tiles; forward attention FLOPs
+  saved; the gate KL. Every LM layer has a gate, so row i is layer i.
+  """
+  if not stats:
+    return {}
+  sel, vis = stats['selected_tiles'], stats['visible_tiles']
+  sparsity = lambda s, v: 1.0 - s / jnp.maximum(v, 1.0)
+  out = {'sparsity/overall': sparsity(sel.sum(), vis.sum()),
+         'attn_flops_saved': stats['flops_saved'].sum()}
+  for i in range(len(sel)):
+    out[f'sparsity/layer_{i}'] = sparsity(sel[i], vis[i])
+  if 'gate_kl' in stats:
+    out['gate/kl'] = stats['gate_kl'].mean()
+  return out
+

@@ -1,0 +1,160 @@
+"""The block-sparse attention seam: kernels that visit only listed tiles.
+
+A layer with a gate calls `sparse_attend(q, k, v, mask, tables)`; which kernel
+runs is the config's `model.sparse.kernel` ('reference' | 'triton' | 'mosaic'
+| 'auto'), a separate knob from the dense `model.attention`. The element mask
+(causal, prefix, padding) still comes from `MaskSpec`; the tables only say
+which (query block, key block) tiles are computed at all.
+
+Every implementation has the signature
+  fn(q, k, v, mask, tables, block_sizes) -> [B, T, Hq, D]
+with q [B, T, Hq, D], k/v [B, S, Hkv, D], tables a `BlockTables` whose kv
+head axis is Hkv, and T, S multiples of the block sizes.
+"""
+
+import jax
+
+from flashmm_jax.ops import registry
+from pallas_kernels.sparse_attention import block_tables as bt
+from pallas_kernels.sparse_attention import reference
+
+_REGISTRY = registry.Registry('sparse attention')
+register = _REGISTRY.register
+get = _REGISTRY.get
+
+BlockSizes = bt.BlockSizes
+BlockTables = bt.BlockTables
+
+
+def prefix_for(mask):
+  """The kernels' prefix_len: a non-causal mask is a prefix covering all keys."""
+  return mask.prefix_len if mask.causal else mask.kv_len
+
+
+def check_inputs(q, k, v, mask, tables, block_sizes):
+  b, t, hq, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  if k.shape != v.shape or hq % hkv:
+    raise ValueError(f'sparse_attend: q {q.shape}, k {k.shape}, v {v.shape} disagree')
+  if t % block_sizes.block_q or s % block_sizes.block_k:
+    raise ValueError(f'sparse_attend: seq lengths (T={t}, S={s}) must be multiples of '
+                     f'{block_sizes.block_q=} and {block_sizes.block_k=}')
+  want = (b, hkv, t // block_sizes.block_q)
+  if tables.kv_ids.shape[:3] != want or tables.kv_count.shape != want:
+    raise ValueError(f'sparse_attend: tables kv_ids {tables.kv_ids.shape} / kv_count '
+                     f'{tables.kv_count.shape} must start with (B, Hkv, nQ)={want}')
+
+
+def sparse_attend(q, k, v, mask, tables, *, block_sizes, implementation='auto'):
+  """Attention over only the tiles listed in `tables`; [B, T, Hq, D] out.
+
+  For training and prefill: queries start at position 0 (mask.q_offset is
+  ignored); decode steps against a cache have their own kernel.
+  """
+  check_inputs(q, k, v, mask, tables, block_sizes)
+  return get(implementation)(q, k, v, mask, tables, block_sizes)
+
+
+@register('reference')
+def _reference(q, k, v, mask, tables, block_sizes):
+  n_k = k.shape[1] // block_sizes.block_k
+  block_mask = bt.block_mask_from_tables(tables.kv_ids, tables.kv_count, n_k)
+  return reference.reference_sparse_attention(
+      q, k, v, block_mask, mask.kv_len, prefix_for(mask), block_sizes=block_sizes)
+
+
+@register('mosaic')
+def _mosaic(q, k, v, mask, tables, block_sizes):
+  """Hopper: the FA3-style Mosaic GPU forward, Triton backward."""
+  from pallas_kernels.sparse_attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  if not _is_hopper():
+    raise NotImplementedError("sparse kernel 'mosaic' needs a Hopper GPU (sm_90)")
+  return mosaic_gpu.sparse_attention(q, k, v, tables, mask.kv_len, prefix_for(mask),
+                                     block_sizes=block_sizes)
+
+
+def _is_hopper():
+  dev = jax.devices()[0]
+  return dev.platform == 'gpu' and getattr(dev, 'compute_capability', '').startswith('9')
+
+
+@register('auto')
+def _auto(q, k, v, mask, tables, block_sizes):
+  """Mosaic on Hopper where its shapes fit, Triton on other GPUs, the TPU
+  kernel on TPU, and the jnp reference on CPU (interpreters are for tests)."""
+  from pallas_kernels.sparse_attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  if backend == 'gpu':
+    if _is_hopper() and mosaic_gpu.unsupported(q, k, block_sizes) is None:
+      return _mosaic(q, k, v, mask, tables, block_sizes)
+    return _triton(q, k, v, mask, tables, block_sizes)
+  if backend == 'tpu':
+    return _tpu(q, k, v, mask, tables, block_sizes)
+  return _reference(q, k, v, mask, tables, block_sizes)
+
+
+@register('tpu')
+def _tpu(q, k, v, mask, tables, block_sizes):
+  """Pallas Mosaic-TPU kernel. On a CPU host it runs in Pallas' generic
+  interpreter (interpret=True, ~3x faster than pltpu.InterpretParams())."""
+  from pallas_kernels.sparse_attention import tpu  # pylint: disable=g-import-not-at-top
+  return tpu.sparse_attention(q, k, v, tables, mask.kv_len, prefix_for(mask),
+                              block_sizes=block_sizes,
+                              interpret=jax.default_backend() == 'cpu')
+
+
+# ---------------------------------------------------- Pallas Triton (#10) ---
+
+def _triton_interpret():
+  """Triton runs natively on a GPU and in Pallas' interpreter on a CPU host;
+  anywhere else (TPU) it cannot run, so a fallback list moves on."""
+  import jax  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  if backend not in ('gpu', 'cpu'):
+    raise NotImplementedError(
+        f"sparse kernel 'triton' needs a GPU or CPU; backend is {backend!r}")
+  return backend == 'cpu'
+
+
+@register('triton')
+def _triton(q, k, v, mask, tables, block_sizes):
+  """Pallas-Triton forward + dq + dk/dv kernels (differentiable in q, k, v)."""
+  from pallas_kernels.sparse_attention import triton  # pylint: disable=g-import-not-at-top
+  return triton.sparse_attention(q, k, v, tables, mask.kv_len, prefix_for(mask),
+                                 block_sizes=block_sizes,
+                                 interpret=_triton_interpret())
+
+
+_DECODE = registry.Registry('sparse decode')
+
+
+def sparse_decode(q, k_cache, v_cache, mask, kv_ids, kv_count, *, block_k,
+                  implementation):
+  """M new tokens against a KV cache, over only the selected key blocks.
+
+  q [B, M, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; mask a MaskSpec whose
+  q_offset is the absolute position of new token 0 and kv_len the filled cache
+  length; kv_ids [B, Hkv, max_k] / kv_count [B, Hkv] the selected blocks of
+  block_k keys. Returns [B, M, Hq, D]; implementation 'reference' | 'triton'.
+  """
+  if k_cache.shape[1] % block_k:
+    raise ValueError(f'sparse_decode: cache length {k_cache.shape[1]} must be a '
+                     f'multiple of {block_k=}')
+  return _DECODE.get(implementation)(q, k_cache, v_cache, mask, kv_ids, kv_count,
+                                     block_k)
+
+
+@_DECODE.register('reference')
+def _decode_reference(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
+  from pallas_kernels.sparse_attention import decode  # pylint: disable=g-import-not-at-top
+  return decode.sparse_decode_reference(
+      q, k_cache, v_cache, kv_ids, kv_count, mask.kv_len, prefix_for(mask),
+      mask.q_offset, block_k=block_k)
+
+
+@_DECODE.register('triton')
+def _decode_triton(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
+  from pallas_kernels.sparse_attention import decode  # pylint: disable=g-import-not-at-top
+  return decode.sparse_decode(
+      q, k_cache, v_cache, kv_ids, kv_count, mask.kv_len, prefix_for(mask),
+      mask.q_offset, block_k=block_k, interpret=_triton_interpret())

@@ -1,0 +1,211 @@
+"""The math of the sparse-attention block gate (issue #10), in plain jnp.
+
+SeerAttention-style: queries are average-pooled and keys max/min/mean-pooled
+per block, a small learned projection per head scores (query block, key
+block) pairs, a softmax over key blocks turns the scores into probabilities,
+and a selection rule turns those into a block mask for the kernels.
+
+The learned projections are an NNX module in models/gate.py: params need
+models.layers.param (logical axes) and ops/ does not import models/. Here
+live the parameter-free pieces, each testable alone: pooling, which tiles the
+element mask leaves visible, selection, table width, the distillation target
+(a dense pass that never materialises S x S), its KL loss and the sparsity
+statistics.
+
+Shapes: q [B, T, Hq, D], k [B, S, Hkv, D] with T, S multiples of the block
+sizes (pad_axis pads them); block arrays are [B, Hkv, nQ, nK] (one selection
+per GQA group, as the kernels' tables) or [B, nQ, nK] (the element mask's
+tiles, the same for every head). Queries start at position 0 (training and
+prefill): the block a query sits in is its diagonal block.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Large but finite: an invisible tile's gate logit. -inf would make the KL's
+# 0 * log(0) terms NaN in the backward pass.
+_INVISIBLE_LOGIT = -1e9
+
+
+def pad_axis(x, axis, multiple):
+  """Zero-pads `axis` of x up to a multiple of `multiple`."""
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def _blocks(x, block):
+  """[B, N, H, D] -> [B, N / block, block, H, D]."""
+  b, n = x.shape[:2]
+  if n % block:
+    raise ValueError(f'sequence length {n} must be a multiple of block size {block}')
+  return x.reshape(b, n // block, block, *x.shape[2:])
+
+
+def pool_queries(q, block_q, num_queries):
+  """Mean of each block's real query rows (row < num_queries): [B, nQ, Hq, D] in f32."""
+  x = _blocks(q.astype(jnp.float32), block_q)
+  rows = (jnp.arange(q.shape[1]) < num_queries).reshape(1, -1, block_q, 1, 1)
+  return (x * rows).sum(2) / jnp.maximum(rows.sum(2), 1)
+
+
+def pool_keys(k, block_k, kv_len):
+  """Max, min and mean over each block's real keys (j < kv_len[b]), concatenated:
+  [B, nK, Hkv, 3D] in f32; a block without real keys pools to zeros."""
+  x = _blocks(k.astype(jnp.float32), block_k)
+  j = jnp.arange(k.shape[1]).reshape(1, -1, block_k, 1, 1)
+  real = j < jnp.asarray(kv_len, jnp.int32).reshape(-1, 1, 1, 1, 1)
+  count = real.sum(2)
+  hi = jnp.where(real, x, -jnp.inf).max(2)
+  lo = jnp.where(real, x, jnp.inf).min(2)
+  mean = (x * real).sum(2) / jnp.maximum(count, 1)
+  any_real = count > 0
+  return jnp.concatenate([jnp.where(any_real, hi, 0.0), jnp.where(any_real, lo, 0.0), mean],
+                         axis=-1)
+
+
+def element_visible(mask, q_pos, k_pos):
+  """bool [B, len(q_pos), len(k_pos)]: the MaskSpec rule at query positions q_pos
+  (relative to mask.q_offset) and absolute key positions k_pos."""
+  col = lambda a: jnp.asarray(a, jnp.int32)[:, None, None]
+  i, j = q_pos[None, :, None], k_pos[None, None, :]
+  visible = j < col(mask.kv_len)
+  if mask.causal:
+    visible &= (j < col(mask.prefix_len)) | (j <= col(mask.q_offset) + i)
+  return visible
+
+
+def visible_tiles(mask, num_queries, num_keys, n_q, n_k, block_sizes):
+  """bool [B, nQ, nK]: tiles holding at least one (query, key) pair the element
+  mask allows, among the real rows (< num_queries) and keys (< num_keys).
+
+  The smallest key and the largest query of a tile are the most visible pair,
+  so one comparison per tile decides it.
+  """
+  bq, bk = block_sizes.block_q, block_sizes.block_k
+  q_first = jnp.arange(n_q) * bq
+  q_last = jnp.minimum(q_first + bq, num_queries) - 1
+  k_first = jnp.arange(n_k) * bk
+  visible = element_visible(mask, q_last, k_first)
+  real = (q_first < num_queries)[:, None] & (k_first < num_keys)[None, :]
+  return visible & real[None]
+
+
+def forced_tiles(n_q, n_k, block_sizes):
+  """bool [nQ, nK] (static): the first key block and the diagonal ones, those
+  overlapping the query block's own positions. Kept whatever the gate says,
+  so every real query sees the attention sink and itself."""
+  bq, bk = block_sizes.block_q, block_sizes.block_k
+  q0 = np.arange(n_q)[:, None] * bq
+  k0 = np.arange(n_k)[None, :] * bk
+  diagonal = (k0 < q0 + bq) & (k0 + bk > q0)
+  return diagonal | (k0 == 0)
+
+
+def table_width(n_q, n_k, block_sizes, top_k):
+  """Static width of the kv tables: exact (nK) without a budget; else the
+  budget plus the most forced blocks any query block has."""
+  if top_k <= 0:
+    return n_k
+  return int(min(n_k, top_k + forced_tiles(n_q, n_k, block_sizes).sum(-1).max()))
+
+
+def select_blocks(probs, visible, forced, *, threshold, top_k):
+  """Block mask [B, Hkv, nQ, nK] from gate probabilities [B, Hkv, nQ, nK].
+
+  A key block is kept if its probability is at least `threshold` times the
+  best one of its query block (relative, so one setting suits any number of
+  key blocks; 0 keeps everything visible) and, when top_k > 0, it is among
+  the top_k non-forced blocks by probability. Forced blocks (first +
+  diagonal) are always kept; a tile the element mask hides is never kept.
+  One selection per kv head: its query heads read the same K/V tiles.
+  """
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f'sparse threshold={threshold} must be in [0, 1]')
+  visible = visible[:, None]
+  p = jnp.where(visible, probs, 0.0)
+  keep = p >= threshold * p.max(-1, keepdims=True)
+  if top_k > 0:
+    n_k = p.shape[-1]
+    score = jnp.where(visible & ~forced, p, -1.0)
+    _, top = lax.top_k(score, min(top_k, n_k))
+    keep &= jax.nn.one_hot(top, n_k, dtype=jnp.bool_).any(-2)
+  return (keep | forced) & visible
+
+
+def gate_log_probs(logits, visible):
+  """Gate logits [B, Hkv, G, nQ, nK] -> log-probabilities over key blocks of
+  the GQA group [B, Hkv, nQ, nK]: the mean of its G query heads' softmaxes."""
+  logits = jnp.where(visible[:, None, None], logits, _INVISIBLE_LOGIT)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return jax.nn.logsumexp(log_p, axis=2) - jnp.log(logits.shape[2])
+
+
+def _block_row_max(q, k, mask, block_k):
+  """Per query row, the max logit over each key block and the logsumexp over all
+  visible keys, one key block at a time (flash-style): ([nK, B, Hkv, G, T], [B, Hkv, G, T])."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * d ** -0.5
+  k_blocks = jnp.moveaxis(_blocks(k.astype(jnp.float32), block_k), 1, 0)
+  rows = jnp.arange(t)
+
+  def one_block(lse, xs):
+    k_blk, kb = xs
+    logits = jnp.einsum('btkgd,bskd->bkgts', qg, k_blk)
+    visible = element_visible(mask, rows, kb * block_k + jnp.arange(block_k))
+    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+    return jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)), logits.max(-1)
+
+  lse0 = jnp.full((b, hkv, hq // hkv, t), -jnp.inf)
+  lse, block_max = lax.scan(one_block, lse0, (k_blocks, jnp.arange(k_blocks.shape[0])))
+  return block_max, lse
+
+
+def block_attention_target(q, k, mask, *, block_sizes, num_queries):
+  """The gate's distillation target [B, Hkv, nQ, nK], a distribution over key blocks.
+
+  Block max-pooled attention: per query row, exp(block max logit - logsumexp)
+  is the largest attention probability it gives any key of the block; max
+  over the query block's real rows, mean over the GQA group's heads,
+  renormalised over key blocks. q, k are the rotated q, k the attention
+  uses; the memory peak is one [B, Hq, T, block_k] slice, never S x S.
+  """
+  q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+  block_max, lse = _block_row_max(q, k, mask, block_sizes.block_k)
+  p = jnp.where(jnp.isfinite(lse), jnp.exp(block_max - lse), 0.0)  # [nK, B, Hkv, G, T]
+  p = jnp.where(jnp.arange(q.shape[1]) < num_queries, p, 0.0)
+  n_k, b, hkv, g, t = p.shape
+  p = p.reshape(n_k, b, hkv, g, t // block_sizes.block_q, block_sizes.block_q).max(-1)
+  p = jnp.moveaxis(p.mean(3), 0, -1)                               # [B, Hkv, nQ, nK]
+  total = p.sum(-1, keepdims=True)
+  return lax.stop_gradient(p / jnp.where(total > 0, total, 1.0))
+
+
+def gate_kl(target, log_probs):
+  """Mean over query blocks with a target of KL(target || gate), in nats."""
+  t = target.astype(jnp.float32)
+  log_t = jnp.log(jnp.where(t > 0, t, 1.0))
+  per_row = jnp.where(t > 0, t * (log_t - log_probs), 0.0).sum(-1)
+  rows = t.sum(-1) > 0
+  return jnp.where(rows, per_row, 0.0).sum() / jnp.maximum(rows.sum(), 1)
+
+
+def tile_stats(selected, visible, *, block_sizes, head_dim, group):
+  """Counts behind the sparsity figures, as f32 scalars summed over batch and kv heads.
+
+  visible_tiles: tiles the element mask leaves visible (what a dense
+  block-skipping kernel computes); selected_tiles: those of them the gate
+  keeps; flops_saved: forward attention FLOPs (q.k and p.v, each 2*bq*bk*D
+  per query head) of the visible tiles not computed.
+  """
+  visible = jnp.broadcast_to(visible[:, None], selected.shape)
+  kept = (selected & visible).sum(dtype=jnp.float32)
+  total = visible.sum(dtype=jnp.float32)
+  per_tile = 4.0 * block_sizes.block_q * block_sizes.block_k * head_dim * group
+  return dict(selected_tiles=kept, visible_tiles=total, flops_saved=(total - kept) * per_tile)

@@ -1,0 +1,341 @@
+"""Block-sparse attention forward for Hopper, through Pallas Mosaic GPU.
+
+FA3-style: one CTA per (query head, query tile of 2 x 64 rows, batch), three
+warpgroups. The memory warpgroup streams K/V blocks with TMA into a ring of
+`num_stages` shared-memory slots, but only the blocks listed for this tile in
+`kv_ids[:kv_count]`; the two compute warpgroups each own 64 query rows, run
+QK^T and PV on wgmma, and keep an online softmax in registers. A schedule
+barrier alternates the two warpgroups' softmax with the other's matmuls, so
+the tensor cores stay busy (the pattern of JAX's attention_mgpu.py).
+
+One table row serves the whole CTA (128 query rows): the tables' block_q is
+128. Tiles the element mask leaves fully visible (the ascending list's
+leading `full_count` entries; see `full_counts`) skip the mask arithmetic;
+the rest apply causal + prefix + kv_len exactly, so partial tiles are right.
+
+Rows with no visible key output 0; `lse` (natural log) is -inf there.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.sparse_attention import mosaic_gpu_backward
+from pallas_kernels.sparse_attention.block_tables import BlockSizes, BlockTables
+
+WG_ROWS = 64          # query rows per compute warpgroup (one wgmma M tile)
+COMPUTE_WGS = 2
+TILE_Q = WG_ROWS * COMPUTE_WGS
+LOG2E = math.log2(math.e)
+# Finite start for the running max: a row whose first visited tiles are fully
+# masked then keeps alpha = 1 and p = 0 instead of exp2(-inf - -inf) = NaN.
+M_INIT = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """num_stages: K/V shared-memory slots in flight (>= 2)."""
+  num_stages: int = 2
+
+
+def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):
+  """[B, H, nQ] leading entries of each (ascending) list that need no mask.
+
+  Tile (query tile starting at q0, key block kb) is fully visible to all its
+  rows iff every key < kv_len and each key is in the prefix or <= q0. Both
+  bounds rise with kb, so in an ascending list these tiles form a prefix.
+  """
+  n_q = kv_ids.shape[2]
+  q0 = jnp.arange(n_q, dtype=jnp.int32)[None, None, :] * TILE_Q
+  kv_len = jnp.asarray(kv_len, jnp.int32)[:, None, None]
+  prefix = jnp.asarray(prefix_len, jnp.int32)[:, None, None]
+  limit = jnp.minimum(kv_len, jnp.maximum(prefix, q0 + 1))           # [B,1,nQ]
+  ends = (kv_ids + 1) * block_k                                       # [B,H,nQ,K]
+  listed = jnp.arange(kv_ids.shape[-1]) < kv_count[..., None]
+  return jnp.sum(listed & (ends <= limit[..., None]), axis=-1, dtype=jnp.int32)
+
+
+def _compute_wg(refs, scratch, *, qt, n, n_full, row, scale, dtype, num_stages, block_k,
+                interpreted):
+  """One compute warpgroup: 64 query rows against the listed K/V blocks."""
+  q_ref, out_ref, lse_ref, ids_ref, kv_len_ref, prefix_ref = refs
+  (qo_smem2, k_smem, v_smem, lse_smem2), barriers = scratch
+  (k_bar, v_bar, q_bar), (k_done, v_done), sched = barriers
+  b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+  plgpu.set_max_registers(232, action="increase")
+  qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+  q_base = qt * TILE_Q + wg * WG_ROWS
+  head_dim = qo_smem.shape[-1]
+
+  def schedule():
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, WG_ROWS), h], qo_smem, q_bar.at[wg])
+  plgpu.barrier_wait(q_bar.at[wg])
+  wgmma_row = plgpu.Layout.WGMMA.reduce(1)
+  m_i = plgpu.layout_cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), wgmma_row)
+  l_i = plgpu.layout_cast(jnp.full((WG_ROWS,), 0, jnp.float32), wgmma_row)
+  acc = plgpu.layout_cast(jnp.full((WG_ROWS, head_dim), 0, jnp.float32),
+                          plgpu.Layout.WGMMA)
+
+  @pl.when(n > 0)
+  def _():
+    plgpu.barrier_wait(k_bar.at[0])
+
+  pl.when(wg == 1)(schedule)
+  kv_len, prefix = kv_len_ref[b], prefix_ref[b]
+
+  def step(j, carry, masked):
+    acc, m_i, l_i = carry
+    slot = lax.rem(j, num_stages)
+
+    def qk_dot(acc_ref):
+      plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+      schedule()
+      return acc_ref[...]
+    qk = pl.run_scoped(qk_dot, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+    plgpu.barrier_arrive(k_done.at[slot])
+    if masked:
+      shape, layout = (WG_ROWS, block_k), plgpu.Layout.WGMMA
+      q_pos = q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
+      k_pos = ids_ref[row + j] * block_k + plgpu.broadcasted_iota(
+          jnp.int32, shape, 1, layout=layout)
+      visible = (k_pos < kv_len) & ((k_pos < prefix) | (k_pos <= q_pos))
+      qk = jnp.where(visible, qk, -jnp.inf)
+
+    # Scores in log2 units: one FMA per element before exp2.
+    m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(qk * scale - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+    acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l_i = l_i * alpha + p.sum(axis=1)
+    p16 = p.astype(dtype)
+    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+    plgpu.barrier_arrive(sched)        # softmax done
+    plgpu.barrier_wait(v_bar.at[slot])
+    plgpu.barrier_wait(sched)          # the other warpgroup left the tensor cores
+
+    def wait_next_k():
+      nxt = j + 1
+
+      @pl.when(nxt < n)
+      def _():
+        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, num_stages)])
+
+    def pv_dot(acc_ref):
+      plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+      wait_next_k()       # overlaps the next K's arrival with this wgmma
+
+    if interpreted:
+      # The GPU interpreter (jax 0.11.2) has neither run_state nor wgmma with
+      # A in registers: the same product as a plain dot. Compiled code
+      # accumulates in place on the tensor cores.
+      acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+      plgpu.commit_smem()   # a wgmma reads through the async proxy; so must this read
+      wait_next_k()
+    else:
+      acc = pl.run_state(pv_dot)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_done.at[slot])
+    return acc, m_new, l_i
+
+  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
+  acc, m_i, l_i = lax.fori_loop(n_full, n, functools.partial(step, masked=True), carry)
+  pl.when(wg == 0)(schedule)
+
+  # l_i >= 1 on any row that saw a key (its max contributes exp2(0)); 0 else.
+  acc /= lax.broadcast_in_dim(jnp.maximum(l_i, 1.0), acc.shape, [0])
+  qo_smem[...] = acc.astype(dtype)
+  lse_smem[...] = (m_i + jnp.log2(l_i)) * (1.0 / LOG2E)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, WG_ROWS), h])
+  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, WG_ROWS)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _memory_wg(refs, scratch, *, n, row, group, num_stages, block_k):
+  """The TMA warpgroup: fetch listed K/V blocks into the slot ring."""
+  k_ref, v_ref, ids_ref = refs
+  (_, k_smem, v_smem, _), barriers = scratch
+  (k_bar, v_bar, _), (k_done, v_done), _ = barriers
+  plgpu.set_max_registers(40, action="decrease")
+  b, h = lax.axis_index("batch"), lax.axis_index("heads")
+  kv_head = lax.div(h, group)
+
+  def fetch(kb, slot):
+    rows = (b, pl.ds(kb * block_k, block_k), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+  for i in range(num_stages):
+    pl.when(i < n)(lambda i=i: fetch(ids_ref[row + i], i))
+
+  @pl.loop(0, jnp.maximum(n - num_stages, 0))
+  def _(j):
+    slot = lax.rem(j, num_stages)
+    kb = ids_ref[row + j + num_stages]   # load before the waits: hides its latency
+    plgpu.barrier_wait(k_done.at[slot])
+    plgpu.barrier_wait(v_done.at[slot])
+    fetch(kb, slot)
+
+  # Observe the last consumptions too, so every barrier phase is waited on
+  # before the CTA ends (the interpreter checks this; it costs nothing here).
+  @pl.loop(jnp.maximum(n - num_stages, 0), n)
+  def _(j):
+    slot = lax.rem(j, num_stages)
+    plgpu.barrier_wait(k_done.at[slot])
+    plgpu.barrier_wait(v_done.at[slot])
+
+
+def unsupported(q, k, block_sizes) -> str | None:
+  """Why this kernel cannot take these shapes (None: it can)."""
+  t, d, s = q.shape[1], q.shape[-1], k.shape[1]
+  if not q.dtype == k.dtype or q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"mosaic sparse attention wants bf16/f16 q, k, v; got {q.dtype}, {k.dtype}"
+  if block_sizes.block_q != TILE_Q or block_sizes.block_k not in (64, 128):
+    return (f"mosaic sparse attention needs block_q={TILE_Q} and block_k in (64, 128); "
+            f"got {block_sizes}")
+  if d % 64 or d > 128:   # the backward's register budget sets the 128
+    return f"head_dim={d} must be a multiple of 64, at most 128"
+  if t % TILE_Q or s % block_sizes.block_k:
+    return (f"seq_len={t} must be a multiple of {TILE_Q} and kv_seq_len={s} "
+            f"of block_k={block_sizes.block_k}")
+  return None
+
+
+def _check(q, k, v, tables, block_sizes):
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % hkv or v.dtype != k.dtype:
+    raise ValueError(f"{q.shape=}, {k.shape=}, {v.shape=} disagree")
+  if reason := unsupported(q, k, block_sizes):
+    raise ValueError(reason)
+  if tables.kv_ids.shape[:3] != (b, hkv, t // TILE_Q):
+    raise ValueError(f"{tables.kv_ids.shape=} must start with (B, Hkv, nQ)="
+                     f"{(b, hkv, t // TILE_Q)}")
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "config", "interpret"))
+def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
+                         block_sizes: BlockSizes, sm_scale: float | None = None,
+                         config: Config = Config(), interpret=None):
+  """q [B, T, Hq, D], k/v [B, S, Hkv, D] -> (out [B, T, Hq, D], lse [B, Hq, T] f32).
+
+  Semantics of reference.py; lse is the natural-log row logsumexp of the
+  scaled logits over visible keys (-inf for rows with none).
+  """
+  _check(q, k, v, tables, block_sizes)
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  bk, dtype = block_sizes.block_k, q.dtype
+  scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+  n_q, width = t // TILE_Q, tables.kv_ids.shape[-1]
+  kv_len = jnp.asarray(kv_len, jnp.int32)
+  prefix_len = jnp.asarray(prefix_len, jnp.int32)
+  n_full = full_counts(tables.kv_ids, tables.kv_count, kv_len, prefix_len, bk)
+  # Flat tables: one scalar load per lookup, no multi-dim index arithmetic.
+  ids = tables.kv_ids.astype(jnp.int32).reshape(-1)
+  counts = jnp.stack([tables.kv_count.astype(jnp.int32), n_full], -1).reshape(-1)
+
+  def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref,
+           out_ref, lse_ref, *scratch):
+    bi, h = lax.axis_index("batch"), lax.axis_index("heads")
+    # Last tile first: causal tiles grow with the index, and launching the
+    # long ones first keeps the final wave short.
+    qt = n_q - 1 - lax.axis_index("q_seq")
+    tile = (bi * hkv + lax.div(h, hq // hkv)) * n_q + qt
+    n, n_full = counts_ref[2 * tile], counts_ref[2 * tile + 1]
+    smem, barriers = scratch[:4], scratch[4:]
+    scratch = (smem, barriers)
+
+    @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
+    def _():
+      _compute_wg((q_ref, out_ref, lse_ref, ids_ref, kv_len_ref, prefix_ref), scratch,
+                  qt=qt, n=n, n_full=n_full, row=tile * width, scale=scale, dtype=dtype,
+                  num_stages=config.num_stages, block_k=bk,
+                  interpreted=interpret is not None)
+
+    @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
+    def _():
+      _memory_wg((k_ref, v_ref, ids_ref), scratch, n=n, row=tile * width,
+                 group=hq // hkv, num_stages=config.num_stages, block_k=bk)
+
+  transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+                plgpu.SwizzleTransform(128))
+  stages = config.num_stages
+  scratch = (
+      plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+      plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
+      (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+       plgpu.Barrier(num_barriers=COMPUTE_WGS)),
+      (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+  )
+  out, lse = plgpu.kernel(
+      body,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, hq, t), jnp.float32)),
+      scratch_types=scratch,
+      grid=(hq, n_q, b),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(q, k, v, ids, counts, kv_len, prefix_len)
+  return out, lse
+
+
+# ------------------------------------------------------------ custom_vjp ---
+
+def _forward(q, k, v, tables, kv_len, prefix_len, block_sizes, sm_scale, config, interpret):
+  return sparse_attention_fwd(
+      q, k, v, tables, kv_len, prefix_len, block_sizes=block_sizes, sm_scale=sm_scale,
+      config=config, interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _attention(q, k, v, tables, kv_len, prefix_len, *static):
+  return _forward(q, k, v, tables, kv_len, prefix_len, *static)[0]
+
+
+def _attention_fwd(q, k, v, tables, kv_len, prefix_len, *static):
+  out, lse = _forward(q, k, v, tables, kv_len, prefix_len, *static)
+  return out, (q, k, v, tables, kv_len, prefix_len, out, lse)
+
+
+def _attention_bwd(block_sizes, sm_scale, config, interpret, residuals, d_out):
+  """The Mosaic dq and dk/dv kernels (mosaic_gpu_backward.py), from the lse."""
+  del config
+  q, k, v, tables, kv_len, prefix_len, out, lse = residuals
+  dq, dk, dv = mosaic_gpu_backward.backward(
+      q, k, v, tables, kv_len, prefix_len, out, lse, d_out, block_sizes=block_sizes,
+      sm_scale=sm_scale, interpret=interpret)
+  # Tables and lengths are integers: no cotangent.
+  return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "config", "interpret"))
+def sparse_attention(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
+                     block_sizes: BlockSizes, sm_scale: float | None = None,
+                     config: Config = Config(), interpret: bool = False):
+  """Block-sparse attention on Hopper, differentiable w.r.t. q, k, v.
+
+  The forward is the Mosaic GPU kernel above; the backward the Mosaic dq and
+  dk/dv kernels of mosaic_gpu_backward.py on its lse. Tables without the
+  transposed q_ids (tables_from_scores) get them in the backward.
+  interpret: run both in the GPU interpreter on the CPU.
+  """
+  return _attention(q, k, v, tables, kv_len, prefix_len, block_sizes, sm_scale, config,
+                    interpret)

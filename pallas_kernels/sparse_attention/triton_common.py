@@ -1,0 +1,92 @@
+"""Pieces every Pallas-Triton sparse-attention kernel shares: the element mask,
+f32-accumulating dots, table padding, shape checks and compiler params.
+
+Lowering rules these follow (measured on an H100 with jax 0.11.2): every
+array a kernel touches has a power-of-two size, dots have >= 16 rows, and dots
+go through lax.dot_general with an f32 preferred type (pl.dot is gone).
+"""
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Finite, so (mask - mask) is 0 rather than NaN when a row has seen no key yet.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def visible(q_pos, k_pos, kv_len, prefix_len):
+  """Key k_pos visible to query q_pos (broadcasting; pass [R,1] x [1,C] or the
+  transpose): causal with a bidirectional prefix, cut at kv_len."""
+  return (k_pos < kv_len) & ((k_pos < prefix_len) | (k_pos <= q_pos))
+
+
+def dot(a, b, *, trans_b=False):
+  """a @ b (or a @ b.T) accumulated in f32; the operands share a dtype."""
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def pad_ids(ids):
+  """Widen the last axis of a block-id table to a power of two by repeating its
+  last id: loops never read past their count, so the values do not matter,
+  but every Triton block must have a power-of-two size."""
+  width = pl.next_power_of_2(ids.shape[-1])
+  pad = ((0, 0),) * (ids.ndim - 1) + ((0, width - ids.shape[-1]),)
+  return jnp.pad(ids.astype(jnp.int32), pad, mode='edge')
+
+
+def check_pow2(**sizes):
+  """Triton tiles must be powers of two, and its dots need >= 16 rows."""
+  for name, n in sizes.items():
+    if n < 16 or n & (n - 1):
+      raise ValueError(f'{name}={n} must be a power of two >= 16')
+
+
+def compiler_params(head_dim, num_warps, num_stages):
+  if num_warps is None:
+    num_warps = 4 if head_dim <= 64 else 8
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def batch_scalar_spec():
+  """BlockSpec of a [B] vector (kv_len, prefix_len, ...) read as one scalar per
+  program; grid axis 0 is the batch in every kernel here."""
+  return pl.BlockSpec((None,), lambda bi, *_: (bi,))
+
+
+def attend_blocks(q, k_ref, v_ref, ids_ref, lo, hi, q_pos, kv_len, prefix_len,
+                  *, sm_scale, block_k):
+  """Online softmax (f32) of q [R, D] over the key blocks ids_ref[lo:hi].
+
+  k_ref, v_ref [S, D]; q_pos [R] absolute query positions. Returns the
+  normalised output [R, D] f32 and the row logsumexp [R] f32; a row that saw no
+  visible key gets output 0 and lse -inf.
+  """
+  def visit(j, carry):
+    acc, row_max, row_sum = carry
+    start = pl.multiple_of(ids_ref[j] * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    seen = visible(q_pos[:, None], start + jnp.arange(block_k)[None, :],
+                   kv_len, prefix_len)
+    logits = jnp.where(seen, dot(q, k, trans_b=True) * sm_scale, MASK_VALUE)
+    new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+    correction = jnp.exp(row_max - new_max)
+    # Zero masked probabilities explicitly: in a row with no visible key so far
+    # logits - new_max is 0, and exp would count masked keys as weight 1.
+    p = jnp.where(seen, jnp.exp(logits - new_max[:, None]), 0.0)
+    row_sum = correction * row_sum + jnp.sum(p, axis=-1)
+    acc = correction[:, None] * acc + dot(p.astype(v.dtype), v)
+    return acc, new_max, row_sum
+
+  rows = q.shape[0]
+  init = (jnp.zeros((rows, q.shape[-1]), jnp.float32),
+          jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  acc, row_max, row_sum = lax.fori_loop(lo, hi, visit, init)
+  seen_any = row_sum > 0
+  out = acc / jnp.where(seen_any, row_sum, 1.0)[:, None]
+  lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)),
+                  -jnp.inf)
+  return out, lse
