@@ -122,3 +122,18 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int
   last = jnp.take_along_axis(ids, jnp.maximum(count - 1, 0)[..., None], axis=-1)
   ids = jnp.where(keep.any(-1, keepdims=True), jnp.minimum(ids, last), 0)
   return ids, count
+
+
+def check_qkv(q, k, v):
+  """q [B, T, Hq, D] and k, v [B, S, Hkv, D] agree (GQA: Hkv divides Hq)."""
+  b, _, hq, d = q.shape
+  if (k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[2]
+      or v.dtype != k.dtype):
+    raise ValueError(f"{q.shape=}, {k.shape=}, {v.shape=} disagree")
+
+
+def check_kv_tables(tables: BlockTables, q, k, block_q: int):
+  """The forward's tables start with (B, Hkv, T / block_q)."""
+  want = (q.shape[0], k.shape[2], q.shape[1] // block_q)
+  if tables.kv_ids.shape[:3] != want:
+    raise ValueError(f"{tables.kv_ids.shape=} must start with (B, Hkv, nQ)={want}")

@@ -27,7 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sparse_attention import mosaic_gpu_backward
-from pallas_kernels.sparse_attention.block_tables import BlockSizes, BlockTables
+from pallas_kernels.sparse_attention.block_tables import (
+    BlockSizes, BlockTables, check_kv_tables, check_qkv)
 
 WG_ROWS = 64          # query rows per compute warpgroup (one wgmma M tile)
 COMPUTE_WGS = 2
@@ -210,15 +211,10 @@ def unsupported(q, k, block_sizes) -> str | None:
 
 
 def _check(q, k, v, tables, block_sizes):
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % hkv or v.dtype != k.dtype:
-    raise ValueError(f"{q.shape=}, {k.shape=}, {v.shape=} disagree")
+  check_qkv(q, k, v)
   if reason := unsupported(q, k, block_sizes):
     raise ValueError(reason)
-  if tables.kv_ids.shape[:3] != (b, hkv, t // TILE_Q):
-    raise ValueError(f"{tables.kv_ids.shape=} must start with (B, Hkv, nQ)="
-                     f"{(b, hkv, t // TILE_Q)}")
+  check_kv_tables(tables, q, k, TILE_Q)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "config", "interpret"))

@@ -35,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.sparse_attention.block_tables import BlockSizes, BlockTables, with_q_tables
+from pallas_kernels.sparse_attention.block_tables import (
+    BlockSizes, BlockTables, check_kv_tables, check_qkv, with_q_tables)
 
 WG_ROWS = 64          # rows per compute warpgroup: one wgmma M tile
 COMPUTE_WGS = 2
@@ -480,17 +481,13 @@ def unsupported(q, k, block_sizes) -> str | None:
 
 
 def _check(q, k, v, tables, out, d_out, block_sizes):
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % hkv or v.dtype != k.dtype:
-    raise ValueError(f"{q.shape=}, {k.shape=}, {v.shape=} disagree")
+  b, hkv = q.shape[0], k.shape[2]
+  check_qkv(q, k, v)
   if out.shape != q.shape or d_out.shape != q.shape:
     raise ValueError(f"{out.shape=} and {d_out.shape=} must be {q.shape=}")
   if reason := unsupported(q, k, block_sizes):
     raise ValueError(reason)
-  if tables.kv_ids.shape[:3] != (b, hkv, t // TILE_Q):
-    raise ValueError(f"{tables.kv_ids.shape=} must start with (B, Hkv, nQ)="
-                     f"{(b, hkv, t // TILE_Q)}")
+  check_kv_tables(tables, q, k, TILE_Q)
   n_k = k.shape[1] // block_sizes.block_k
   if tables.q_ids is not None and tables.q_ids.shape[:3] != (b, hkv, n_k):
     raise ValueError(f"{tables.q_ids.shape=} must start with (B, Hkv, nK)={(b, hkv, n_k)}")
