@@ -125,11 +125,22 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int
 
 
 def check_qkv(q, k, v):
-  """q [B, T, Hq, D] and k, v [B, S, Hkv, D] agree (GQA: Hkv divides Hq)."""
+  """q [B, T, Hq, D] and k, v [B, S, Hkv, D] agree, and Hkv divides Hq (GQA)."""
   b, _, hq, d = q.shape
-  if (k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[2]
-      or v.dtype != k.dtype):
+  hkv = k.shape[2]
+  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or v.dtype != k.dtype:
     raise ValueError(f"{q.shape=}, {k.shape=}, {v.shape=} disagree")
+  if hq % hkv:
+    raise ValueError(f"{hq=} query heads must be a multiple of {hkv=} kv heads")
+
+
+def check_block_multiples(q, k, block_sizes: BlockSizes):
+  """Query and key lengths are whole numbers of blocks."""
+  t, s = q.shape[1], k.shape[1]
+  if t % block_sizes.block_q:
+    raise ValueError(f"seq_len={t} must be a multiple of block_q={block_sizes.block_q}")
+  if s % block_sizes.block_k:
+    raise ValueError(f"kv_seq_len={s} must be a multiple of block_k={block_sizes.block_k}")
 
 
 def check_kv_tables(tables: BlockTables, q, k, block_q: int):

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.sparse_attention import triton_common as tc
-from pallas_kernels.sparse_attention.block_tables import block_mask_from_tables
+from pallas_kernels.sparse_attention.block_tables import block_mask_from_tables, check_qkv
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, pos_ref, kv_len_ref,
@@ -57,12 +57,9 @@ def combine(out, lse, axis):
 
 
 def _check_shapes(q, k_cache, v_cache, kv_ids, kv_count, block_k):
-  b, m, hq, d = q.shape
+  b, d = q.shape[0], q.shape[3]
   s, hkv = k_cache.shape[1], k_cache.shape[2]
-  if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != d:
-    raise ValueError(f'{q.shape=}, {k_cache.shape=}, {v_cache.shape=} disagree')
-  if hq % hkv:
-    raise ValueError(f'{hq=} query heads must be a multiple of {hkv=} kv heads')
+  check_qkv(q, k_cache, v_cache)
   if s % block_k:
     raise ValueError(f'cache length {s} must be a multiple of {block_k=}')
   tc.check_pow2(block_k=block_k, head_dim=d)

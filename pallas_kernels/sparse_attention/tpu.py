@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.sparse_attention.block_tables import (
-    BlockSizes, BlockTables, with_q_tables)
+    BlockSizes, BlockTables, check_block_multiples, check_qkv, with_q_tables)
 
 LANES = 128     # a TPU vreg is 8 sublanes x 128 lanes
 SUBLANES = 8
@@ -320,17 +320,11 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 # ---------------------------------------------------------------- public ----
 
 def _check_shapes(q, k, v, tables: BlockTables, block_sizes: BlockSizes):
-  b, t, hq, d = q.shape
+  b, t = q.shape[:2]
   s, hkv = k.shape[1], k.shape[2]
   bq, bk = block_sizes.block_q, block_sizes.block_k
-  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-    raise ValueError(f"{q.shape=}, {k.shape=}, {v.shape=} disagree")
-  if hq % hkv:
-    raise ValueError(f"{hq=} query heads must be a multiple of {hkv=} kv heads")
-  if t % bq:
-    raise ValueError(f"seq_len={t} must be a multiple of block_q={bq}")
-  if s % bk:
-    raise ValueError(f"kv_seq_len={s} must be a multiple of block_k={bk}")
+  check_qkv(q, k, v)
+  check_block_multiples(q, k, block_sizes)
   # Mosaic block rule: the second-minor block dim divisible by 8 or whole.
   for name, blk, full in (("block_q", bq, t), ("block_k", bk, s)):
     if blk % SUBLANES and blk != full:

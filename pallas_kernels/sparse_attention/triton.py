@@ -23,7 +23,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.sparse_attention import triton_backward
 from pallas_kernels.sparse_attention import triton_common as tc
-from pallas_kernels.sparse_attention.block_tables import BlockSizes, BlockTables
+from pallas_kernels.sparse_attention.block_tables import (
+    BlockSizes, BlockTables, check_block_multiples, check_qkv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +49,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, kv_len_ref,
 
 
 def check_shapes(q, k, v, tables: BlockTables, block_sizes: BlockSizes):
-  b, t, hq, d = q.shape
+  b, t, _, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   bq, bk = block_sizes.block_q, block_sizes.block_k
-  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-    raise ValueError(f'{q.shape=}, {k.shape=}, {v.shape=} disagree')
-  if hq % hkv:
-    raise ValueError(f'{hq=} query heads must be a multiple of {hkv=} kv heads')
-  if t % bq:
-    raise ValueError(f'seq_len={t} must be a multiple of block_q={bq}')
-  if s % bk:
-    raise ValueError(f'kv_seq_len={s} must be a multiple of block_k={bk}')
+  check_qkv(q, k, v)
+  check_block_multiples(q, k, block_sizes)
   tc.check_pow2(block_q=bq, block_k=bk, head_dim=d)
   for name, ids, count, n in (('kv', tables.kv_ids, tables.kv_count, t // bq),
                               ('q', tables.q_ids, tables.q_count, s // bk)):
