@@ -58,10 +58,10 @@ def time_ms(fn, *args):
   return timing.time_ms(fn, *args, iters=_ITERS.value, repeats=_REPEATS.value)
 
 
-def visible_tiles(n_q, n_k, block_k, seq, prefix):
+def visible_tiles(seq, block_k, prefix):
   """bool [nQ, nK]: tiles holding at least one visible (causal/prefix) key."""
-  q_last = (np.arange(n_q) + 1) * BQ - 1
-  k_first = np.arange(n_k) * block_k
+  q_last = (np.arange(seq // BQ) + 1) * BQ - 1
+  k_first = np.arange(seq // block_k) * block_k
   return (k_first[None, :] <= q_last[:, None]) | (k_first[None, :] < prefix)
 
 
@@ -103,7 +103,7 @@ def make_inputs(seq, seed=0):
 
 def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic'):
   """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts."""
-  visible = visible_tiles(seq // BQ, seq // block_k, block_k, seq, prefix)
+  visible = visible_tiles(seq, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
   config = mosaic_gpu.Config(stages)
   select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k))
