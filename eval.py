@@ -4,7 +4,13 @@ r"""Restores a checkpoint and scores the 12-task suite.
   python eval.py --config=... --workdir=DIR --noise=gaussian:3
   python eval.py --config=... --workdir=DIR --checkpoint=DIR/checkpoints/300
 
+  python eval.py --config=configs/flash.py:small,sparse --workdir=DIR \
+      --sweep=threshold=0,coverage=0.9 --sweep=threshold=0,coverage=0.95
+
 Writes DIR/eval/results.json and results.md (suffixed with the noise, if any).
+Each --sweep is one setting of the sparse gate's selection rule (keys of
+gate.SELECTION_KEYS) scored with the same trained gate; its results go to
+DIR/eval/<setting>/, e.g. DIR/eval/threshold0.0_coverage0.9/.
 """
 
 from absl import app
@@ -15,6 +21,7 @@ from ml_collections import config_flags
 from flashmm_jax import cli
 from flashmm_jax.data import tokenizer as tokenizer_lib
 from flashmm_jax.evaluation import runner
+from flashmm_jax.models import gate
 from flashmm_jax.training import sharding
 from flashmm_jax.training import train_state
 
@@ -24,6 +31,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir; results go to
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                   'A checkpoint step directory; default: latest in --workdir.')
 _NOISE = flags.DEFINE_string('noise', None, 'Corruption NAME:SEVERITY, e.g. gaussian:3.')
+_SWEEP = flags.DEFINE_multi_string(
+    'sweep', [], 'A sparse selection rule to score instead of the config\'s, e.g. '
+    '"threshold=0,coverage=0.9"; repeat the flag for more settings.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -36,12 +46,32 @@ def main(argv):
   model, step, _ = train_state.restore_model(config, _CHECKPOINT.value or _WORKDIR.value, mesh)
   tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer)
   put = lambda batch: sharding.global_batch(batch, mesh)
-  with sharding.activate(mesh, config.logical_axis_rules):
-    results = runner.evaluate(model, config, tokenizer, noise=noise, put=put)
-  results['step'] = step
-  path = runner.write_results(results, f'{_WORKDIR.value}/eval', noise)
-  print(runner.results_markdown(results, f'Eval at step {step}' + (f', noise {noise}' if noise else '')))
-  logging.info('Wrote %s', path)
+  settings = [parse_rule(s) for s in _SWEEP.value] or [None]
+  if settings != [None] and not gate.gates(model):
+    raise ValueError('--sweep needs a model with a sparse gate (config.model.sparse.enabled)')
+  for rule in settings:
+    out_dir = f'{_WORKDIR.value}/eval'
+    if rule is not None:
+      gate.set_selection(model, **rule)
+      out_dir += '/' + '_'.join(f'{k}{v}' for k, v in rule.items())
+    with sharding.activate(mesh, config.logical_axis_rules):
+      results = runner.evaluate(model, config, tokenizer, noise=noise, put=put)
+    results['step'] = step
+    path = runner.write_results(results, out_dir, noise)
+    title = f'Eval at step {step}' + (f', noise {noise}' if noise else '')
+    print(runner.results_markdown(results, title + (f', {rule}' if rule else '')))
+    logging.info('Wrote %s', path)
+
+
+def parse_rule(text):
+  """"threshold=0,coverage=0.9" -> {'threshold': 0.0, 'coverage': 0.9}."""
+  rule = {}
+  for item in text.split(','):
+    key, sep, value = item.partition('=')
+    if not sep or key not in gate.SELECTION_KEYS:
+      raise ValueError(f'--sweep item {item!r} must be KEY=VALUE with KEY in {gate.SELECTION_KEYS}')
+    rule[key] = int(value) if key == 'top_k' else float(value)
+  return rule
 
 
 if __name__ == '__main__':

@@ -7,9 +7,10 @@ head dim 128, bf16) it times, as the median of --repeats batches of --iters
 calls: cuDNN and tokamax's mosaic kernel (dense causal), our Mosaic kernel
 with every visible tile listed (dense mode), and our kernels at each block
 sparsity of --sparsities. Selection (block scores from pooled q/k, a per-row
-budget, the tables) is inside the timed region. Writes attention.json and
-attention.md to --out; --check first compares every kernel with the jnp
-reference on small shapes and stops on a mismatch.
+budget, the tables) is inside the timed region; decode also times
+`ours_fused_s*`, the same selection fused into the kernel (no tables). Writes
+attention.json and attention.md to --out; --check first compares every kernel
+with the jnp reference on small shapes and stops on a mismatch.
 """
 
 import functools
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timing  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
 from pallas_kernels.sparse_attention import decode  # noqa: E402
@@ -50,6 +51,9 @@ _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd', 'decode'], 'what to time')
 _BWD_SEQS = flags.DEFINE_list('bwd_seqs', ['4096', '16384'], 'sequence lengths of fwd+bwd')
 _DECODE = flags.DEFINE_list('decode', ['1x8192', '8x8192', '1x32768', '8x32768'],
                             'decode batch x cache length')
+_DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused decode to '
+                                  'time at 65%, splits x Triton stages (e.g. 16x3): keys '
+                                  'ours_fused_s65_<splits>x<stages>')
 
 BQ = mosaic_gpu.TILE_Q
 
@@ -263,8 +267,46 @@ def bench_fwdbwd(seq, block_k, baselines):
   return res
 
 
+def rel_err(out, ref):
+  ref32, out32 = np.asarray(ref, np.float32), np.asarray(out, np.float32)
+  return float(np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32))
+
+
+def decode_scores(q, pooled):
+  """Block scores [B, Hkv, nK] f32 of one decode step: each GQA group's mean
+  query (over its heads and new tokens) against the max-pooled keys."""
+  b, m, hq, d = q.shape
+  hkv = pooled.shape[2]
+  qp = q.reshape(b, m, hkv, hq // hkv, d).mean(axis=(1, 3))
+  return jnp.einsum('bhd,bkhd->bhk', qp, pooled, preferred_element_type=jnp.float32)
+
+
+def fused_decode_step(q, k, v, pooled, kv_len, offset, *, budget, block_k,
+                      interpret=False, **config):
+  """One decode step with the selection fused into the kernel: the scores, then
+  the kernel keeps the `budget` best blocks besides the first and the new
+  tokens' itself (no top-k, sort or tables). config: num_splits, num_stages."""
+  scores = decode_scores(q, pooled)
+  cutoff = jnp.full(scores.shape[:-1], budget, jnp.int32)
+  return decode.sparse_decode_scored(q, k, v, scores, cutoff, kv_len, kv_len * 0, offset,
+                                     block_k=block_k, rule='top_k', interpret=interpret,
+                                     **config)
+
+
+def head_major_decode_args(q, k, v, pooled, kv_len, offset, *, hkv):
+  """fused_decode_step's arguments with each kv head as its own batch row:
+  q [B*Hkv, M, G, D], caches and pooled keys [B*Hkv, S, 1, D]."""
+  b, m, hq, d = q.shape
+  rows = lambda x: x.transpose(0, 2, 1, 3).reshape(b * hkv, x.shape[1], 1, d)
+  q = q.reshape(b, m, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b * hkv, m, -1, d)
+  each = lambda x: jnp.repeat(x, hkv)
+  return q, rows(k), rows(v), rows(pooled), each(kv_len), each(offset)
+
+
 def bench_decode(batch, cache, block_k=64, new=1):
-  """One decode step (new tokens of each GQA group) against a full cache."""
+  """One decode step (new tokens of each GQA group) against a full cache:
+  `ours_s*` select through top-k and tables, `ours_fused_s*` inside the kernel
+  (the same number of blocks: block 0, the last one, and the best others)."""
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   hq, hkv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
   q = jax.random.normal(keys[0], (batch, new, hq, d), jnp.bfloat16)
@@ -284,45 +326,80 @@ def bench_decode(batch, cache, block_k=64, new=1):
   # 1/block_k of a step's cost), so a step does not re-read every key to select.
   pooled = jax.jit(lambda k: k.reshape(batch, n_k, block_k, hkv, d).max(axis=2))(kc)
 
-  def sparse(keep):
+  def sparse(budget):
     @jax.jit
     def run(q, k, v, kp):
       # Selection inside: the group's mean query against the pooled keys.
-      qp = q.reshape(batch, new, hkv, hq // hkv, d).mean(axis=(1, 3))
-      scores = jnp.einsum('bhd,bkhd->bhk', qp, kp, preferred_element_type=jnp.float32)
+      scores = decode_scores(q, kp)
       last = jnp.arange(n_k) >= n_k - 1
       scores = jnp.where(last | (jnp.arange(n_k) == 0), jnp.inf, scores)
-      budget = max(2, int(np.ceil(keep * n_k)))
       ids, count = bt.tables_from_scores(scores, jnp.full(scores.shape[:-1], budget), budget)
       return decode.sparse_decode(q, k, v, ids, count, kv_len, kv_len * 0, offset,
                                   block_k=block_k)
     return run
+
+  budget = lambda sparsity: max(2, int(np.ceil((1 - sparsity) * n_k)))  # 2 forced in it
+
+  def fused(sparsity, **config):
+    return jax.jit(functools.partial(fused_decode_step, budget=budget(sparsity) - 2,
+                                     block_k=block_k, **config))
+  fused_args = (q, kc, vc, pooled, kv_len, offset)
+  steps = {}
   for sparsity in (0.0, 0.65):
-    res['ms'][f'ours_s{round(100 * sparsity)}'] = time_ms(sparse(1 - sparsity), q, kc, vc,
-                                                          pooled)
+    name = f's{round(100 * sparsity)}'
+    steps[name] = sparse(budget(sparsity)), fused(sparsity)
+    res['ms'][f'ours_{name}'] = time_ms(steps[name][0], q, kc, vc, pooled)
+    res['ms'][f'ours_fused_{name}'] = time_ms(steps[name][1], *fused_args)
+  for spec in _DECODE_FUSED.value:
+    splits, stages = map(int, spec.split('x'))
+    res['ms'][f'ours_fused_s65_{spec}'] = time_ms(
+        fused(0.65, num_splits=splits, num_stages=stages), *fused_args)
+  # Both read the same blocks (ties go to the lower index in both), so they agree.
+  tables_step, fused_step = steps['s65']
+  res['fused_vs_tables_rel_err'] = rel_err(fused_step(*fused_args),
+                                           tables_step(q, kc, vc, pooled))
+  # The same step over a head-major cache: each kv head's blocks contiguous in
+  # memory (rows of D instead of a stride of Hkv * D), as kv-head batch rows.
+  head_major = head_major_decode_args(*fused_args, hkv=hkv)
+  res['ms']['ours_fused_s65_headmajor'] = time_ms(fused(0.65), *head_major)
+  out_hm = fused_step(*head_major).reshape(batch, hkv, new, hq // hkv, d)
+  res['headmajor_vs_tables_rel_err'] = rel_err(
+      out_hm.transpose(0, 2, 1, 3, 4).reshape(batch, new, hq, d), tables_step(q, kc, vc, pooled))
   res['best_dense_ms'] = min(res['ms']['cudnn'], res['ms']['xla'])
   print(json.dumps(res))
   return res
 
 
 def check_decode():
-  """The Triton decode kernel vs its reference on the GPU."""
+  """The Triton decode kernels (block tables; scores with either cutoff rule)
+  vs their references on the GPU; ragged lengths, a prefix, 4 new tokens."""
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
   q = jax.random.normal(keys[0], (2, 4, 16, 128), jnp.bfloat16)
   kc = jax.random.normal(keys[1], (2, 4096, 4, 128), jnp.bfloat16)
   vc = jax.random.normal(keys[2], (2, 4096, 4, 128), jnp.bfloat16)
   scores = jax.random.normal(keys[3], (2, 4, 64))
-  ids, count = bt.tables_from_scores(scores, jnp.array([[20, 5, 64, 1], [3, 30, 7, 64]]), 64)
-  args = (q, kc, vc, ids, count, jnp.array([4000, 2500]), jnp.array([100, 0]),
-          jnp.array([3996, 2496]))
-  out = decode.sparse_decode(*args, block_k=64)
-  ref = decode.sparse_decode_reference(*args, block_k=64)
-  ref32, out32 = np.asarray(ref, np.float32), np.asarray(out, np.float32)
-  err = float(np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32))
-  print(f'check triton decode: rel err {err:.2e}')
-  if not err < 2e-2:
-    raise SystemExit(f'triton decode mismatch: rel err {err}')
-  return dict(case='decode', rel_err=err)
+  budgets = jnp.array([[20, 5, 64, 1], [3, 30, 7, 64]])
+  lens = (jnp.array([4000, 2500]), jnp.array([100, 0]), jnp.array([3996, 2496]))
+  ids, count = bt.tables_from_scores(scores, budgets, 64)
+  cases = {
+      'decode': (decode.sparse_decode, decode.sparse_decode_reference,
+                 (q, kc, vc, ids, count, *lens), {}),
+      'decode_scored_top_k': (decode.sparse_decode_scored,
+                              decode.sparse_decode_scored_reference,
+                              (q, kc, vc, scores, budgets, *lens), dict(rule='top_k')),
+      'decode_scored_keep_min': (decode.sparse_decode_scored,
+                                 decode.sparse_decode_scored_reference,
+                                 (q, kc, vc, scores, jnp.full((2, 4), 0.5), *lens),
+                                 dict(rule='keep_min')),
+  }
+  rows = []
+  for case, (kernel, reference_fn, args, kw) in cases.items():
+    err = rel_err(kernel(*args, block_k=64, **kw), reference_fn(*args, block_k=64, **kw))
+    print(f'check triton {case}: rel err {err:.2e}')
+    if not err < 2e-2:
+      raise SystemExit(f'triton {case} mismatch: rel err {err}')
+    rows.append(dict(case=case, rel_err=err))
+  return rows
 
 
 def markdown(results, fwdbwd, decodes, env):
@@ -374,7 +451,7 @@ def main(_):
   print(env)
   checks = check_kernels() if _CHECK.value else []
   if _CHECK.value and 'decode' in _MODES.value:
-    checks.append(check_decode())
+    checks += check_decode()
   baselines = dense_baselines()
   results, fwdbwd, decodes = [], [], []
   variants = [tuple(map(int, v.split('x'))) for v in _VARIANTS.value]

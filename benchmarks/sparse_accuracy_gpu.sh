@@ -1,29 +1,85 @@
 #!/usr/bin/env bash
-# The accuracy half of issue #10 on one GPU: train a dense model, fine-tune the
-# sparse-attention gate from it (everything else frozen), score both on the 12
-# tasks, and tabulate accuracy, sparsity and attention FLOPs saved per task.
-# Usage: bash benchmarks/sparse_accuracy_gpu.sh OUT CONFIG DENSE_STEPS GATE_STEPS [flags for every run]
-#   e.g. bash benchmarks/sparse_accuracy_gpu.sh $OUT configs/flash.py:small 2500 400 --config.data.image_size=128
+# The accuracy half of issue #10 on one GPU, the whole recipe:
+#   dense      train the dense model;
+#   gate       fine-tune the gate alone on it (LM frozen), one gate per TARGETS entry;
+#   sweep      score each gate under every selection rule in RULES (eval only);
+#   joint      train the whole model through the sparse kernels, from the first
+#              target's gate, under the rule picked by sparsity alone (the densest
+#              rule of the sweep that still reaches MIN_SPARSITY);
+#   dense_ft   the dense model trained as many further steps at the same rate: the
+#              fair baseline for the joint model;
+#   report     per-task table (joint vs dense_ft), sparsity/accuracy curves.
+# Usage: bash benchmarks/sparse_accuracy_gpu.sh OUT CONFIG DENSE_STEPS [flags for every run]
+#   e.g. bash benchmarks/sparse_accuracy_gpu.sh $OUT configs/flash.py:small 1500 \
+#          --config.data.image_size=128 --config.data.eval_examples=500
+# Env: TARGETS, RULES (eval.py --sweep settings), MIN_SPARSITY, GATE_STEPS, JOINT_STEPS,
+# NUM_WORKERS (defaults below). Writes OUT/DONE when it ends, well or not (benchmarks/device_poll.sh waits for it).
 set -euo pipefail
-out=$1 config=$2 dense_steps=$3 gate_steps=$4
-shift 4
-dense="$out/dense" sparse="$out/sparse"
+out=$1 config=$2 dense_steps=$3
+shift 3
+read -r -a targets <<< "${TARGETS:-mass peak}"
+read -r -a rules <<< "${RULES:-threshold=0.3 threshold=0.5 threshold=0,coverage=0.5 threshold=0,coverage=0.6 threshold=0,coverage=0.7 threshold=0,coverage=0.8}"
 workers="--config.data.num_workers=${NUM_WORKERS:-12}"
+gate_steps=${GATE_STEPS:-500} joint_steps=${JOINT_STEPS:-400}
+mkdir -p "$out"
+trap 'touch "$out/DONE"' EXIT
+
+phase() { echo "== $1 $(date +%T)"; }
+train() {  # DIR CONFIG [flags]: trains, keeps the log beside DIR, prints its last lines
+  local dir=$1 cfg=$2
+  shift 2
+  python train.py --config="$cfg" --workdir="$dir" $workers --alsologtostderr "$@" 2>&1 \
+    | grep -v "^W" > "$dir.train.log" || { tail -n 30 "$dir.train.log"; return 1; }
+  grep -E "step|Stopping" "$dir.train.log" | tail -n 2 || true
+}
+evaluate() {  # DIR CONFIG [flags]: the latest checkpoint in DIR, results in DIR/eval
+  local dir=$1 cfg=$2
+  shift 2
+  python eval.py --config="$cfg" --workdir="$dir" "$@" 2>&1 | grep -v "^W" > "$dir.eval.log" \
+    || { tail -n 30 "$dir.eval.log"; return 1; }
+  grep -E "^\| \*\*mean|^## " "$dir.eval.log" || true
+}
+sweep_flags() { for r in "${rules[@]}"; do echo "--sweep=$r"; done; }
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python train.py --config="$config" --workdir="$dense" --config.train.total_steps="$dense_steps" \
-  $workers --alsologtostderr "$@" 2>&1 | grep -v "^W" | tee "$out/dense_train.log"
-python eval.py --config="$config" --workdir="$dense" "$@" 2>&1 | tee "$out/dense_eval.log"
-python train.py --config="$config,sparse" --workdir="$sparse" --config.train.init_from="$dense" \
-  --config.train.total_steps="$gate_steps" $workers --alsologtostderr "$@" 2>&1 \
-  | grep -v "^W" | tee "$out/sparse_train.log"
-python eval.py --config="$config,sparse" --workdir="$sparse" "$@" 2>&1 | tee "$out/sparse_eval.log"
-# The same gate at other thresholds (eval only): the sparsity / accuracy curve.
-sweep=()
-for thr in ${THRESHOLDS:-0.05 0.1 0.5}; do
-  python eval.py --config="$config,sparse" --workdir="$out/thr_$thr" --checkpoint="$sparse" \
-    --config.model.sparse.threshold="$thr" "$@" 2>&1 | tail -3
-  sweep+=("$out/thr_$thr/eval/results.json")
+phase dense
+train "$out/dense" "$config" --config.train.total_steps="$dense_steps" "$@"
+evaluate "$out/dense" "$config" "$@"
+
+first=${targets[0]}
+phase "gate $first"
+train "$out/gate_$first" "$config,sparse" --config.train.init_from="$out/dense" \
+  --config.model.sparse.target="$first" --config.train.total_steps="$gate_steps" "$@"
+evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
+  $(sweep_flags) "$@"
+
+pick=$(python benchmarks/sparse_report.py pick "${MIN_SPARSITY:-0.6}" "$out/gate_$first/eval")
+phase "joint ($pick)"
+rule_flags=$(python benchmarks/sparse_report.py flags "$out/gate_$first/eval/$pick/results.json")
+train "$out/joint" "$config,sparse,joint" --config.train.init_from="$out/gate_$first" \
+  --config.model.sparse.target="$first" --config.train.total_steps="$joint_steps" $rule_flags "$@"
+evaluate "$out/joint" "$config,sparse,joint" --config.model.sparse.target="$first" \
+  $(sweep_flags) "$@"
+
+phase dense_ft
+train "$out/dense_ft" "$config,joint" --config.model.sparse.enabled=False \
+  --config.train.init_from="$out/dense" --config.train.total_steps="$joint_steps" "$@"
+evaluate "$out/dense_ft" "$config,joint" --config.model.sparse.enabled=False "$@"
+
+report() {
+  python benchmarks/sparse_report.py report "$out/sparse_accuracy" \
+    --dense "$out/dense_ft/eval/results.json" --sparse "$out/joint/eval/$pick/results.json" \
+    --curve "joint=$out/joint/eval" --reference "dense_${dense_steps}_steps=$out/dense/eval/results.json" \
+    $(for t in "${targets[@]}"; do [ -d "$out/gate_$t/eval" ] && echo "--curve=gate_$t=$out/gate_$t/eval"; done)
+}
+report
+for target in "${targets[@]:1}"; do  # further gate targets: gate-only curves
+  phase "gate $target"
+  train "$out/gate_$target" "$config,sparse" --config.train.init_from="$out/dense" \
+    --config.model.sparse.target="$target" --config.train.total_steps="$gate_steps" "$@"
+  evaluate "$out/gate_$target" "$config,sparse" --config.model.sparse.target="$target" \
+    $(sweep_flags) "$@"
+  report
 done
-python benchmarks/sparse_report.py "$out/sparse_accuracy" "$dense/eval/results.json" \
-  "$sparse/eval/results.json" "${sweep[@]}"
-rm -rf "$dense/checkpoints" "$sparse/checkpoints"   # large; the tables are what come back
+rm -rf "$out"/*/checkpoints   # large; the tables are what come back
+phase done

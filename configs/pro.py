@@ -7,6 +7,7 @@ from configs import common
 
 
 def get_config(arg='tiny'):
-  arg = common.parse_arg(arg, common.SIZE_DATA, runlocal=False, sparse=False)
-  c = common.base_config('pro', arg.variant, runlocal=arg.runlocal, sparse=arg.sparse)
+  arg = common.parse_arg(arg, common.SIZE_DATA, runlocal=False, sparse=False, joint=False)
+  c = common.base_config('pro', arg.variant, runlocal=arg.runlocal, sparse=arg.sparse,
+                         joint=arg.joint)
   return c

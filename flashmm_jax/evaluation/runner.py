@@ -85,8 +85,8 @@ def evaluate(model, config, tokenizer, noise='', put=None):
   out = {'tasks': results, 'mean': mean, 'noise': noise}
   if all_stats:
     out['sparsity'] = sparsity_summary(all_stats)
-    out['threshold'] = config.model.sparse.threshold
-    out['top_k'] = config.model.sparse.top_k
+    out['selection'] = gate.selection_rule(model)
+    out['target'] = config.model.sparse.target
   return out
 
 

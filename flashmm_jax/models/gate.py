@@ -31,6 +31,9 @@ from pallas_kernels.sparse_attention import block_tables as bt
 # The attribute name in Attention: params sit under .../attn/block_gate/, which
 # is how train.trainable='gate' and train.init_from find them.
 GATE_NAME = 'block_gate'
+# The config.model.sparse keys that only choose blocks: an eval can change them
+# on a trained gate (set_selection), unlike block sizes or the gate's width.
+SELECTION_KEYS = ('threshold', 'top_k', 'coverage')
 
 
 def check_sparse_config(sp):
@@ -39,10 +42,9 @@ def check_sparse_config(sp):
     raise ValueError(f'config.model.sparse block_q={sp.block_q}, block_k={sp.block_k} must be >= 1')
   if sp.gate_dim < 2 or sp.gate_dim % 2:
     raise ValueError(f'config.model.sparse.gate_dim={sp.gate_dim} must be even (rotary pairs)')
-  if not 0.0 <= sp.threshold <= 1.0:
-    raise ValueError(f'config.model.sparse.threshold={sp.threshold} must be in [0, 1]')
-  if sp.top_k < 0:
-    raise ValueError(f'config.model.sparse.top_k={sp.top_k} must be >= 0 (0 = no budget)')
+  sg.check_rule(sp.threshold, sp.top_k, sp.coverage, where='config.model.sparse.')
+  if sp.target not in sg.TARGETS:
+    raise ValueError(f'config.model.sparse.target={sp.target!r} must be one of {sg.TARGETS}')
   ops.sparse_attention.get(sp.kernel)  # unknown kernel names fail here
 
 
@@ -64,6 +66,7 @@ class BlockGate(nnx.Module):
     _, param_dtype = layers.dtypes(cfg)
     self.block_sizes = bt.BlockSizes(sp.block_q, sp.block_k)
     self.threshold, self.top_k = float(sp.threshold), int(sp.top_k)
+    self.coverage, self.target = float(sp.coverage), sp.target
     self.kernel, self.min_kv_blocks = sp.kernel, int(sp.min_kv_blocks)
     self.rope_base, self.head_dim = rope_base, head_dim
     self.group = num_heads // num_kv_heads
@@ -105,7 +108,8 @@ class BlockGate(nnx.Module):
     log_p = self.log_probs(jax.lax.stop_gradient(q_raw), jax.lax.stop_gradient(k_raw),
                            mask, visible, num_queries)
     selected = sg.select_blocks(jnp.exp(log_p), visible, sg.forced_tiles(n_q, n_k, bs),
-                                threshold=self.threshold, top_k=self.top_k)
+                                threshold=self.threshold, top_k=self.top_k,
+                                coverage=self.coverage)
     return log_p, visible, selected
 
   def attend(self, q_raw, k_raw, q, k, v, mask):
@@ -129,7 +133,8 @@ class BlockGate(nnx.Module):
     for name, value in stats.items():
       _record(self, name, value)
     if self.distill:
-      target = sg.block_attention_target(q, k, mask, block_sizes=bs, num_queries=t)
+      target = sg.block_attention_target(q, k, mask, block_sizes=bs, num_queries=t,
+                                         kind=self.target)
       _record(self, 'gate_kl', sg.gate_kl(target, log_p))
     return out[:, :t]
 
@@ -137,6 +142,25 @@ class BlockGate(nnx.Module):
 def gates(model):
   """Every BlockGate in a model."""
   return [m for _, m in nnx.iter_modules(model) if isinstance(m, BlockGate)]
+
+
+def set_selection(model, **rule):
+  """Changes the selection rule (threshold, top_k, coverage) of every gate, e.g.
+  to sweep it over one trained gate; jitted callers retrace (it is static)."""
+  unknown = set(rule) - set(SELECTION_KEYS)
+  if unknown:
+    raise ValueError(f'selection keys {sorted(unknown)} unknown; valid: {SELECTION_KEYS}')
+  for g in gates(model):
+    merged = {key: rule.get(key, getattr(g, key)) for key in SELECTION_KEYS}
+    sg.check_rule(**merged)
+    g.threshold, g.top_k, g.coverage = (float(merged['threshold']), int(merged['top_k']),
+                                        float(merged['coverage']))
+
+
+def selection_rule(model):
+  """The first gate's selection rule as a dict ({} for a dense model)."""
+  found = gates(model)
+  return {key: getattr(found[0], key) for key in SELECTION_KEYS} if found else {}
 
 
 def set_distill(model, on):

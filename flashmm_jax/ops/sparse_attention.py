@@ -16,6 +16,7 @@ import jax
 
 from flashmm_jax.ops import registry
 from pallas_kernels.sparse_attention import block_tables as bt
+from pallas_kernels.sparse_attention import decode
 from pallas_kernels.sparse_attention import reference
 
 _REGISTRY = registry.Registry('sparse attention')
@@ -146,7 +147,6 @@ def sparse_decode(q, k_cache, v_cache, mask, kv_ids, kv_count, *, block_k,
 
 @_DECODE.register('reference')
 def _decode_reference(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
-  from pallas_kernels.sparse_attention import decode  # pylint: disable=g-import-not-at-top
   return decode.sparse_decode_reference(
       q, k_cache, v_cache, kv_ids, kv_count, mask.kv_len, prefix_for(mask),
       mask.q_offset, block_k=block_k)
@@ -154,7 +154,40 @@ def _decode_reference(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
 
 @_DECODE.register('triton')
 def _decode_triton(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
-  from pallas_kernels.sparse_attention import decode  # pylint: disable=g-import-not-at-top
   return decode.sparse_decode(
       q, k_cache, v_cache, kv_ids, kv_count, mask.kv_len, prefix_for(mask),
       mask.q_offset, block_k=block_k, interpret=_triton_interpret())
+
+
+_DECODE_SCORED = registry.Registry('scored sparse decode')
+
+
+def sparse_decode_scored(q, k_cache, v_cache, mask, scores, cutoff, *, block_k,
+                         rule='keep_min', implementation):
+  """sparse_decode with the selection fused into the kernel: no block tables.
+
+  scores f32 [B, Hkv, S // block_k] per-block scores (e.g. the gate's, of this
+  step's query against the cached blocks' summaries); cutoff [B, Hkv] the
+  row's keep_min (rule 'keep_min') or its budget of non-forced blocks (rule
+  'top_k'). Block 0 and the new tokens' blocks are always read, blocks past
+  kv_len never (pallas_kernels/sparse_attention/block_cutoff.py). Returns
+  [B, M, Hq, D]; implementation 'reference' | 'triton'.
+  """
+  decode.check_scored_inputs(q, k_cache, v_cache, scores, cutoff, block_k=block_k,
+                             rule=rule)
+  return _DECODE_SCORED.get(implementation)(q, k_cache, v_cache, mask, scores,
+                                            cutoff, block_k, rule)
+
+
+@_DECODE_SCORED.register('reference')
+def _decode_scored_reference(q, k_cache, v_cache, mask, scores, cutoff, block_k, rule):
+  return decode.sparse_decode_scored_reference(
+      q, k_cache, v_cache, scores, cutoff, mask.kv_len, prefix_for(mask),
+      mask.q_offset, block_k=block_k, rule=rule)
+
+
+@_DECODE_SCORED.register('triton')
+def _decode_scored_triton(q, k_cache, v_cache, mask, scores, cutoff, block_k, rule):
+  return decode.sparse_decode_scored(
+      q, k_cache, v_cache, scores, cutoff, mask.kv_len, prefix_for(mask),
+      mask.q_offset, block_k=block_k, rule=rule, interpret=_triton_interpret())

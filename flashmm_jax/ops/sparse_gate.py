@@ -115,18 +115,42 @@ def table_width(n_q, n_k, block_sizes, top_k):
   return int(min(n_k, top_k + forced_tiles(n_q, n_k, block_sizes).sum(-1).max()))
 
 
-def select_blocks(probs, visible, forced, *, threshold, top_k):
+def check_rule(threshold, top_k, coverage, where='sparse '):
+  """Fails on a selection rule outside its range, naming the setting."""
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f'{where}threshold={threshold} must be in [0, 1]')
+  if top_k < 0:
+    raise ValueError(f'{where}top_k={top_k} must be >= 0 (0 = no budget)')
+  if not 0.0 <= coverage <= 1.0:
+    raise ValueError(f'{where}coverage={coverage} must be in [0, 1] (0 = off)')
+
+
+def _coverage_keep(p, forced, coverage):
+  """bool mask of the smallest set of blocks, forced ones first, whose
+  probabilities sum to at least `coverage` (top-p over key blocks)."""
+  order = jnp.argsort(-(p + 2.0 * forced), axis=-1)   # forced first, then by p
+  sorted_p = jnp.take_along_axis(p, order, axis=-1)
+  before = jnp.cumsum(sorted_p, axis=-1) - sorted_p   # mass of the blocks ahead
+  keep_sorted = before < coverage
+  return jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+
+
+def select_blocks(probs, visible, forced, *, threshold, top_k, coverage=0.0):
   """Block mask [B, Hkv, nQ, nK] from gate probabilities [B, Hkv, nQ, nK].
 
-  A key block is kept if its probability is at least `threshold` times the
-  best one of its query block (relative, so one setting suits any number of
-  key blocks; 0 keeps everything visible) and, when top_k > 0, it is among
-  the top_k non-forced blocks by probability. Forced blocks (first +
-  diagonal) are always kept; a tile the element mask hides is never kept.
-  One selection per kv head: its query heads read the same K/V tiles.
+  A key block is kept if it passes every active rule:
+  - threshold: its probability is at least `threshold` times the best one of
+    its query block (relative, so one setting suits any number of key
+    blocks; 0 passes everything);
+  - top_k > 0: it is among the top_k non-forced blocks by probability;
+  - coverage > 0: it is in the smallest set, forced blocks first and then by
+    probability, whose probabilities sum to `coverage` (top-p: the kept
+    count adapts to how spread the row's attention is).
+  Forced blocks (first + diagonal) are always kept; a tile the element mask
+  hides is never kept. One selection per kv head: its query heads read the
+  same K/V tiles.
   """
-  if not 0.0 <= threshold <= 1.0:
-    raise ValueError(f'sparse threshold={threshold} must be in [0, 1]')
+  check_rule(threshold, top_k, coverage)
   visible = visible[:, None]
   p = jnp.where(visible, probs, 0.0)
   keep = p >= threshold * p.max(-1, keepdims=True)
@@ -135,6 +159,8 @@ def select_blocks(probs, visible, forced, *, threshold, top_k):
     score = jnp.where(visible & ~forced, p, -1.0)
     _, top = lax.top_k(score, min(top_k, n_k))
     keep &= jax.nn.one_hot(top, n_k, dtype=jnp.bool_).any(-2)
+  if coverage > 0:
+    keep &= _coverage_keep(p, forced & visible, coverage)
   return (keep | forced) & visible
 
 
@@ -146,9 +172,10 @@ def gate_log_probs(logits, visible):
   return jax.nn.logsumexp(log_p, axis=2) - jnp.log(logits.shape[2])
 
 
-def _block_row_max(q, k, mask, block_k):
-  """Per query row, the max logit over each key block and the logsumexp over all
-  visible keys, one key block at a time (flash-style): ([nK, B, Hkv, G, T], [B, Hkv, G, T])."""
+def _block_row_stats(q, k, mask, block_k):
+  """Per query row, the max logit and the logsumexp over each key block, and the
+  logsumexp over all visible keys, one key block at a time (flash-style):
+  ([nK, B, Hkv, G, T], [nK, B, Hkv, G, T], [B, Hkv, G, T])."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * d ** -0.5
@@ -160,25 +187,39 @@ def _block_row_max(q, k, mask, block_k):
     logits = jnp.einsum('btkgd,bskd->bkgts', qg, k_blk)
     visible = element_visible(mask, rows, kb * block_k + jnp.arange(block_k))
     logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-    return jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)), logits.max(-1)
+    block_lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.logaddexp(lse, block_lse), (logits.max(-1), block_lse)
 
   lse0 = jnp.full((b, hkv, hq // hkv, t), -jnp.inf)
-  lse, block_max = lax.scan(one_block, lse0, (k_blocks, jnp.arange(k_blocks.shape[0])))
-  return block_max, lse
+  lse, (block_max, block_lse) = lax.scan(one_block, lse0,
+                                         (k_blocks, jnp.arange(k_blocks.shape[0])))
+  return block_max, block_lse, lse
 
 
-def block_attention_target(q, k, mask, *, block_sizes, num_queries):
+TARGETS = ('peak', 'mass')
+
+
+def block_attention_target(q, k, mask, *, block_sizes, num_queries, kind='peak'):
   """The gate's distillation target [B, Hkv, nQ, nK], a distribution over key blocks.
 
-  Block max-pooled attention: per query row, exp(block max logit - logsumexp)
-  is the largest attention probability it gives any key of the block; max
-  over the query block's real rows, mean over the GQA group's heads,
-  renormalised over key blocks. q, k are the rotated q, k the attention
-  uses; the memory peak is one [B, Hq, T, block_k] slice, never S x S.
+  Per query row, a score for each key block, then the max over the query
+  block's real rows (so a block one row needs is not averaged away), the
+  mean over the GQA group's heads, renormalised over key blocks:
+  - 'peak' (SeerAttention): exp(block max logit - logsumexp), the largest
+    attention probability the row gives any key of the block;
+  - 'mass': exp(block logsumexp - logsumexp), the share of the row's attention
+    the block holds. Spread attention (counting, reading a chart) puts little
+    weight on any one key but much on the blocks together; 'peak' ranks such
+    blocks below one sharp sink.
+  q, k are the rotated q, k the attention uses; the memory peak is one
+  [B, Hq, T, block_k] slice, never S x S.
   """
+  if kind not in TARGETS:
+    raise ValueError(f'gate target {kind!r} must be one of {TARGETS}')
   q, k = lax.stop_gradient(q), lax.stop_gradient(k)
-  block_max, lse = _block_row_max(q, k, mask, block_sizes.block_k)
-  p = jnp.where(jnp.isfinite(lse), jnp.exp(block_max - lse), 0.0)  # [nK, B, Hkv, G, T]
+  block_max, block_lse, lse = _block_row_stats(q, k, mask, block_sizes.block_k)
+  score = block_max if kind == 'peak' else block_lse
+  p = jnp.where(jnp.isfinite(lse), jnp.exp(score - lse), 0.0)  # [nK, B, Hkv, G, T]
   p = jnp.where(jnp.arange(q.shape[1]) < num_queries, p, 0.0)
   n_k, b, hkv, g, t = p.shape
   p = p.reshape(n_k, b, hkv, g, t // block_sizes.block_q, block_sizes.block_q).max(-1)

@@ -15,6 +15,15 @@ normalised partial output and row logsumexp; `combine` (jnp) merges them.
 
 Masking: new token m sits at absolute position q_offset[b] + m and sees key j
 iff j < kv_len[b] and (j < prefix_len[b] or j <= q_offset[b] + m).
+
+`sparse_decode_scored` takes block scores [B, Hkv, nK] and a per-row cutoff
+instead of block lists, so no top-k, sort or table building runs before it:
+each program picks its own blocks (block_cutoff.kept_blocks, one row of
+compares and sums) and visits the kept ones of its residue class j % splits ==
+split. Interleaving, not contiguous slices, because a gate's kept blocks
+cluster (the sink, the recent window, one topic's span): any cluster is spread
+over all splits. Skipped blocks cost no loads; finding the next kept block is
+one min over the row.
 """
 
 import functools
@@ -24,22 +33,63 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.sparse_attention import block_cutoff
 from pallas_kernels.sparse_attention import triton_common as tc
 from pallas_kernels.sparse_attention.block_tables import block_mask_from_tables, check_qkv
 
+# Default programs per call, (B, Hkv, splits): ~2 per SM of an H100 (132 SMs).
+_PROGRAMS = 256
 
-def _decode_kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, pos_ref, kv_len_ref,
-                   prefix_ref, o_ref, lse_ref, *, sm_scale, block_k, num_splits):
-  """q_ref [R, D]; k_ref/v_ref [S, D]; ids_ref [max_k]; pos_ref [R] positions."""
+
+def _row_positions(q_offset, rows, group, new):
+  """Absolute positions [R] of the grouped rows: row r is token
+  min(r // G, M - 1) (padding rows repeat the last token; they are dropped)."""
+  token = jnp.minimum(lax.div(jnp.arange(rows, dtype=jnp.int32), group), new - 1)
+  return q_offset + token
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, kv_len_ref, prefix_ref,
+                   offset_ref, o_ref, lse_ref, *, sm_scale, block_k, num_splits,
+                   group, new):
+  """q_ref [R, D]; k_ref/v_ref [S, D]; ids_ref [max_k]; o_ref [R, D]; lse_ref [R]."""
   count = count_ref[...]
   chunk = lax.div(count + num_splits - 1, num_splits)   # count >= 0
   lo = jnp.minimum(pl.program_id(2) * chunk, count)
   hi = jnp.minimum(lo + chunk, count)
+  q = q_ref[...]
+  q_pos = _row_positions(offset_ref[...], q.shape[0], group, new)
   out, lse = tc.attend_blocks(
-      q_ref[...], k_ref, v_ref, ids_ref, lo, hi, pos_ref[...], kv_len_ref[...],
-      prefix_ref[...], sm_scale=sm_scale, block_k=block_k)
+      q, k_ref, v_ref, ids_ref, lo, hi, q_pos, kv_len_ref[...], prefix_ref[...],
+      sm_scale=sm_scale, block_k=block_k)
   o_ref[...] = out
   lse_ref[...] = lse
+
+
+def _scored_kernel(q_ref, k_ref, v_ref, scores_ref, cutoff_ref, kv_len_ref,
+                   prefix_ref, offset_ref, o_ref, lse_ref, *, sm_scale, block_k,
+                   num_splits, group, new, rule):
+  """Like _decode_kernel, with scores_ref [N] and the row's cutoff in place of
+  a block list: visits the kept blocks j with j % num_splits == split."""
+  q, q_offset = q_ref[...], offset_ref[...]
+  q_pos = _row_positions(q_offset, q.shape[0], group, new)
+  kv_len, prefix_len = kv_len_ref[...], prefix_ref[...]
+  kept = block_cutoff.kept_blocks(scores_ref[...], cutoff_ref[...], kv_len,
+                                  q_offset, block_k=block_k, rule=rule)
+  idx = jnp.arange(kept.shape[0], dtype=jnp.int32)
+  mine = kept & (lax.rem(idx, num_splits) == pl.program_id(2))
+  after = lambda j: jnp.min(jnp.where(mine & (idx > j), idx, kept.shape[0]))
+
+  def visit(_, carry):
+    j, state = carry
+    following = after(j)   # first: it does not wait for this block's loads
+    start = pl.multiple_of(j * block_k, block_k)
+    state = tc.attend_block(q, k_ref, v_ref, start, state, q_pos, kv_len,
+                            prefix_len, sm_scale=sm_scale, block_k=block_k)
+    return following, state
+
+  count = jnp.sum(mine.astype(jnp.int32))
+  _, state = lax.fori_loop(0, count, visit, (after(-1), tc.softmax_start(*q.shape)))
+  o_ref[...], lse_ref[...] = tc.softmax_finish(state)
 
 
 def combine(out, lse, axis):
@@ -68,6 +118,22 @@ def _check_shapes(q, k_cache, v_cache, kv_ids, kv_count, block_k):
                      f'(B, Hkv, max_k) / (B, Hkv) with (B, Hkv)={(b, hkv)}')
 
 
+def check_scored_inputs(q, k_cache, v_cache, scores, cutoff, *, block_k, rule):
+  """What sparse_decode_scored and its reference need; the errors name the
+  argument."""
+  b, s, hkv = q.shape[0], k_cache.shape[1], k_cache.shape[2]
+  check_qkv(q, k_cache, v_cache)
+  if s % block_k:
+    raise ValueError(f'cache length {s} must be a multiple of {block_k=}')
+  if scores.shape != (b, hkv, s // block_k):
+    raise ValueError(f'{scores.shape=} must be (B, Hkv, S // block_k)='
+                     f'{(b, hkv, s // block_k)}')
+  if cutoff.shape != (b, hkv):
+    raise ValueError(f'{cutoff.shape=} must be (B, Hkv)={(b, hkv)}')
+  if rule not in block_cutoff.RULES:
+    raise ValueError(f'{rule=} must be one of {block_cutoff.RULES}')
+
+
 def _group_rows(q, hkv):
   """[B, M, Hq, D] -> [B, Hkv, R, D], row m * G + g, zero rows up to R."""
   b, m, hq, d = q.shape
@@ -76,6 +142,59 @@ def _group_rows(q, hkv):
   q = q.reshape(b, hkv, rows, d)
   padded = max(16, pl.next_power_of_2(rows))
   return jnp.pad(q, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
+
+
+def _scale(sm_scale, head_dim):
+  return head_dim ** -0.5 if sm_scale is None else sm_scale
+
+
+def _default_splits(b, hkv, blocks):
+  return min(blocks, pl.cdiv(_PROGRAMS, b * hkv))
+
+
+def _split_decode(kernel, q, k_cache, v_cache, row_vector, row_scalar, kv_len,
+                  prefix_len, q_offset, *, splits, name, compiler_params, interpret):
+  """Runs `kernel` on the grid (B, Hkv, splits) and merges its splits into
+  [B, M, Hq, D] in q.dtype.
+
+  A program reads its grouped q rows [R, D], the K/V cache of its (b, kv head)
+  [S, D], its row of row_vector [B, Hkv, W] and of row_scalar [B, Hkv], and its
+  kv_len, prefix_len and q_offset; it writes its normalised partial output
+  [R, D] and logsumexp [R]. `kernel` also gets the row layout (group, new).
+  """
+  b, m, hq, d = q.shape
+  s, hkv = k_cache.shape[1], k_cache.shape[2]
+  group = hq // hkv
+  q_rows = _group_rows(q, hkv)
+  rows = q_rows.shape[2]
+  kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, i: (bi, 0, h, 0))
+  in_specs = [
+      pl.BlockSpec((None, None, rows, d), lambda bi, h, i: (bi, h, 0, 0)),
+      kv_spec, kv_spec,
+      pl.BlockSpec((None, None, row_vector.shape[-1]), lambda bi, h, i: (bi, h, 0)),
+      pl.BlockSpec((None, None), lambda bi, h, i: (bi, h)),
+  ] + [tc.batch_scalar_spec()] * 3
+  out_specs = [
+      pl.BlockSpec((None, None, None, rows, d), lambda bi, h, i: (bi, h, i, 0, 0)),
+      pl.BlockSpec((None, None, None, rows), lambda bi, h, i: (bi, h, i, 0)),
+  ]
+  out, lse = pl.pallas_call(
+      functools.partial(kernel, group=group, new=m),
+      grid=(b, hkv, splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32)],
+      compiler_params=compiler_params,
+      interpret=interpret,
+      name=name,
+  )(q_rows, k_cache, v_cache, row_vector, row_scalar,
+    *(jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len, q_offset)))
+  # Merge only the M * G real rows: the padding rows would be most of the bytes.
+  real = m * group
+  out = combine(out[..., :real, :], lse[..., :real], axis=2)      # [B, Hkv, M*G, D]
+  out = out.reshape(b, hkv, m, group, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, m, hq, d).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -92,60 +211,59 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len,
   ~256 programs, at most max_k. Rows with no visible key output 0.
   """
   _check_shapes(q, k_cache, v_cache, kv_ids, kv_count, block_k)
-  b, m, hq, d = q.shape
-  s, hkv = k_cache.shape[1], k_cache.shape[2]
-  group = hq // hkv
-  max_k = kv_ids.shape[-1]
-  splits = num_splits or min(max_k, pl.cdiv(256, b * hkv))
-  scale = d ** -0.5 if sm_scale is None else sm_scale
-
-  q_rows = _group_rows(q, hkv)
-  rows = q_rows.shape[2]
-  # Position of row r: token min(r // G, M - 1); padding rows are sliced off.
-  token = jnp.minimum(jnp.arange(rows) // group, m - 1)
-  pos = jnp.asarray(q_offset, jnp.int32)[:, None] + token[None, :]      # [B, R]
-
-  kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, i: (bi, 0, h, 0))
-  ids = tc.pad_ids(kv_ids)
-  in_specs = [
-      pl.BlockSpec((None, None, rows, d), lambda bi, h, i: (bi, h, 0, 0)),
-      kv_spec, kv_spec,
-      pl.BlockSpec((None, None, ids.shape[-1]), lambda bi, h, i: (bi, h, 0)),
-      pl.BlockSpec((None, None), lambda bi, h, i: (bi, h)),
-      pl.BlockSpec((None, rows), lambda bi, h, i: (bi, 0)),
-      tc.batch_scalar_spec(), tc.batch_scalar_spec(),
-  ]
-  out_specs = [
-      pl.BlockSpec((None, None, None, rows, d), lambda bi, h, i: (bi, h, i, 0, 0)),
-      pl.BlockSpec((None, None, None, rows), lambda bi, h, i: (bi, h, i, 0)),
-  ]
-  kernel = functools.partial(_decode_kernel, sm_scale=scale, block_k=block_k,
-                             num_splits=splits)
-  out, lse = pl.pallas_call(
-      kernel,
-      grid=(b, hkv, splits),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32)],
+  b, d, hkv = q.shape[0], q.shape[3], k_cache.shape[2]
+  splits = num_splits or _default_splits(b, hkv, kv_ids.shape[-1])
+  kernel = functools.partial(_decode_kernel, sm_scale=_scale(sm_scale, d),
+                             block_k=block_k, num_splits=splits)
+  return _split_decode(
+      kernel, q, k_cache, v_cache, tc.pad_ids(kv_ids), kv_count.astype(jnp.int32),
+      kv_len, prefix_len, q_offset, splits=splits, name='sparse_decode',
       compiler_params=tc.compiler_params(d, num_warps, num_stages),
-      interpret=interpret,
-      name='sparse_decode',
-  )(q_rows, k_cache, v_cache, ids, kv_count.astype(jnp.int32), pos,
-    jnp.asarray(kv_len, jnp.int32), jnp.asarray(prefix_len, jnp.int32))
-  out = combine(out, lse, axis=2)[:, :, :m * group]               # [B, Hkv, M*G, D]
-  out = out.reshape(b, hkv, m, group, d).transpose(0, 2, 1, 3, 4)
-  return out.reshape(b, m, hq, d).astype(q.dtype)
+      interpret=interpret)
 
 
-def sparse_decode_reference(q, k_cache, v_cache, kv_ids, kv_count, kv_len,
-                            prefix_len, q_offset, *, block_k: int,
-                            sm_scale: float | None = None):
-  """Plain-jnp, dense ([B, Hkv, G, M, S] logits) ground truth for sparse_decode."""
+@functools.partial(jax.jit, static_argnames=(
+    'block_k', 'rule', 'num_splits', 'sm_scale', 'interpret', 'num_warps',
+    'num_stages'))
+def sparse_decode_scored(q, k_cache, v_cache, scores, cutoff, kv_len, prefix_len,
+                         q_offset, *, block_k: int, rule: str = 'keep_min',
+                         num_splits: int | None = None,
+                         sm_scale: float | None = None, interpret: bool = False,
+                         num_warps: int | None = None, num_stages: int = 3):
+  """Decode attention over the cache blocks the scores keep; [B, M, Hq, D].
+
+  scores f32 [B, Hkv, S // block_k] per-block scores; cutoff [B, Hkv] the
+  row's keep_min (rule 'keep_min') or its budget of non-forced blocks (rule
+  'top_k'); block_cutoff says which blocks a row reads. Needs kv_len <= S and
+  q_offset >= 0; the rest as in sparse_decode. num_splits None: enough splits
+  for ~256 programs, at most S // block_k. num_stages 3: Triton's pipeliner
+  then double-buffers K/V, so the next kept block loads while this one is
+  computed (with 2 it gets one buffer and issues the next load only after
+  the current block's dots).
+  """
+  check_scored_inputs(q, k_cache, v_cache, scores, cutoff, block_k=block_k, rule=rule)
+  tc.check_pow2(block_k=block_k, head_dim=q.shape[3])
+  b, d, hkv, n_k = q.shape[0], q.shape[3], k_cache.shape[2], scores.shape[-1]
+  splits = num_splits or _default_splits(b, hkv, n_k)
+  # A power-of-two row for Triton; padded blocks start past S, so never live.
+  width = pl.next_power_of_2(n_k)
+  scores = jnp.pad(scores.astype(jnp.float32), ((0, 0), (0, 0), (0, width - n_k)))
+  cutoff = cutoff.astype(jnp.float32 if rule == 'keep_min' else jnp.int32)
+  kernel = functools.partial(_scored_kernel, sm_scale=_scale(sm_scale, d),
+                             block_k=block_k, num_splits=splits, rule=rule)
+  return _split_decode(
+      kernel, q, k_cache, v_cache, scores, cutoff, kv_len, prefix_len, q_offset,
+      splits=splits, name='sparse_decode_scored',
+      compiler_params=tc.compiler_params(d, num_warps, num_stages),
+      interpret=interpret)
+
+
+def _decode_over_blocks(q, k_cache, v_cache, blocks, kv_len, prefix_len, q_offset,
+                        *, block_k, sm_scale):
+  """Plain-jnp decode attention ([B, Hkv, G, M, S] logits) over the key blocks
+  of the bool mask blocks [B, Hkv, nK]."""
   b, m, hq, d = q.shape
   s, hkv = k_cache.shape[1], k_cache.shape[2]
-  scale = d ** -0.5 if sm_scale is None else sm_scale
-  blocks = block_mask_from_tables(kv_ids, kv_count, s // block_k)  # [B, Hkv, nK]
   keys = jnp.repeat(blocks, block_k, axis=-1)[:, :, None, None]      # [B,Hkv,1,1,S]
   col = lambda x: jnp.asarray(x, jnp.int32)[:, None, None]
   pos = col(q_offset) + jnp.arange(m)[None, :, None]                 # [B, M, 1]
@@ -154,10 +272,33 @@ def sparse_decode_reference(q, k_cache, v_cache, kv_ids, kv_count, kv_len,
   seen = keys & elem[:, None, None]
 
   qg = q.reshape(b, m, hkv, hq // hkv, d).astype(jnp.float32)
-  logits = jnp.einsum('bmhgd,bshd->bhgms', qg, k_cache.astype(jnp.float32)) * scale
+  logits = jnp.einsum('bmhgd,bshd->bhgms', qg, k_cache.astype(jnp.float32))
+  logits = logits * _scale(sm_scale, d)
   top = jnp.max(jnp.where(seen, logits, -jnp.inf), axis=-1, keepdims=True)
   p = jnp.where(seen, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
   denom = p.sum(-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
   out = jnp.einsum('bhgms,bshd->bmhgd', p, v_cache.astype(jnp.float32))
   return out.reshape(b, m, hq, d).astype(q.dtype)
+
+
+def sparse_decode_reference(q, k_cache, v_cache, kv_ids, kv_count, kv_len,
+                            prefix_len, q_offset, *, block_k: int,
+                            sm_scale: float | None = None):
+  """Plain-jnp, dense ground truth for sparse_decode."""
+  blocks = block_mask_from_tables(kv_ids, kv_count, k_cache.shape[1] // block_k)
+  return _decode_over_blocks(q, k_cache, v_cache, blocks, kv_len, prefix_len,
+                             q_offset, block_k=block_k, sm_scale=sm_scale)
+
+
+def sparse_decode_scored_reference(q, k_cache, v_cache, scores, cutoff, kv_len,
+                                   prefix_len, q_offset, *, block_k: int,
+                                   rule: str = 'keep_min',
+                                   sm_scale: float | None = None):
+  """Plain-jnp, dense ground truth for sparse_decode_scored: the blocks of
+  block_cutoff.kept_blocks_reference (a sort), then masked softmax."""
+  check_scored_inputs(q, k_cache, v_cache, scores, cutoff, block_k=block_k, rule=rule)
+  blocks = block_cutoff.kept_blocks_reference(scores, cutoff, kv_len, q_offset,
+                                              block_k=block_k, rule=rule)
+  return _decode_over_blocks(q, k_cache, v_cache, blocks, kv_len, prefix_len,
+                             q_offset, block_k=block_k, sm_scale=sm_scale)

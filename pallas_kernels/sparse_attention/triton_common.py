@@ -55,38 +55,54 @@ def batch_scalar_spec():
   return pl.BlockSpec((None,), lambda bi, *_: (bi,))
 
 
-def attend_blocks(q, k_ref, v_ref, ids_ref, lo, hi, q_pos, kv_len, prefix_len,
-                  *, sm_scale, block_k):
-  """Online softmax (f32) of q [R, D] over the key blocks ids_ref[lo:hi].
-
-  k_ref, v_ref [S, D]; q_pos [R] absolute query positions. Returns the
-  normalised output [R, D] f32 and the row logsumexp [R] f32; a row that saw no
-  visible key gets output 0 and lse -inf.
-  """
-  def visit(j, carry):
-    acc, row_max, row_sum = carry
-    start = pl.multiple_of(ids_ref[j] * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
-    seen = visible(q_pos[:, None], start + jnp.arange(block_k)[None, :],
-                   kv_len, prefix_len)
-    logits = jnp.where(seen, dot(q, k, trans_b=True) * sm_scale, MASK_VALUE)
-    new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-    correction = jnp.exp(row_max - new_max)
-    # Zero masked probabilities explicitly: in a row with no visible key so far
-    # logits - new_max is 0, and exp would count masked keys as weight 1.
-    p = jnp.where(seen, jnp.exp(logits - new_max[:, None]), 0.0)
-    row_sum = correction * row_sum + jnp.sum(p, axis=-1)
-    acc = correction[:, None] * acc + dot(p.astype(v.dtype), v)
-    return acc, new_max, row_sum
-
-  rows = q.shape[0]
-  init = (jnp.zeros((rows, q.shape[-1]), jnp.float32),
+def softmax_start(rows, head_dim):
+  """Online-softmax state (acc [R, D], row max [R], row sum [R]) before any key."""
+  return (jnp.zeros((rows, head_dim), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  acc, row_max, row_sum = lax.fori_loop(lo, hi, visit, init)
+
+
+def attend_block(q, k_ref, v_ref, start, state, q_pos, kv_len, prefix_len, *,
+                 sm_scale, block_k):
+  """One online-softmax step of q [R, D] over the keys [start, start + block_k)."""
+  acc, row_max, row_sum = state
+  k = k_ref[pl.ds(start, block_k), :]
+  v = v_ref[pl.ds(start, block_k), :]
+  seen = visible(q_pos[:, None], start + jnp.arange(block_k)[None, :],
+                 kv_len, prefix_len)
+  logits = jnp.where(seen, dot(q, k, trans_b=True) * sm_scale, MASK_VALUE)
+  new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+  correction = jnp.exp(row_max - new_max)
+  # Zero masked probabilities explicitly: in a row with no visible key so far
+  # logits - new_max is 0, and exp would count masked keys as weight 1.
+  p = jnp.where(seen, jnp.exp(logits - new_max[:, None]), 0.0)
+  row_sum = correction * row_sum + jnp.sum(p, axis=-1)
+  acc = correction[:, None] * acc + dot(p.astype(v.dtype), v)
+  return acc, new_max, row_sum
+
+
+def softmax_finish(state):
+  """The normalised output [R, D] f32 and the row logsumexp [R] f32; a row that
+  saw no visible key gets output 0 and lse -inf."""
+  acc, row_max, row_sum = state
   seen_any = row_sum > 0
   out = acc / jnp.where(seen_any, row_sum, 1.0)[:, None]
   lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)),
                   -jnp.inf)
   return out, lse
+
+
+def attend_blocks(q, k_ref, v_ref, ids_ref, lo, hi, q_pos, kv_len, prefix_len,
+                  *, sm_scale, block_k):
+  """Online softmax (f32) of q [R, D] over the key blocks ids_ref[lo:hi].
+
+  k_ref, v_ref [S, D]; q_pos [R] absolute query positions. Returns
+  softmax_finish's (output [R, D], lse [R]).
+  """
+  def visit(j, state):
+    start = pl.multiple_of(ids_ref[j] * block_k, block_k)
+    return attend_block(q, k_ref, v_ref, start, state, q_pos, kv_len, prefix_len,
+                        sm_scale=sm_scale, block_k=block_k)
+
+  state = lax.fori_loop(lo, hi, visit, softmax_start(*q.shape))
+  return softmax_finish(state)

@@ -65,13 +65,17 @@ def test_forced_tiles_are_the_first_and_diagonal_blocks():
                                 [[1, 0], [1, 0], [1, 1], [1, 1]])
 
 
-def _random_selection(threshold, top_k, seed=0):
+def _selection_inputs(seed=0):
+  """(probs [3, 2, 4, 8], visible [3, 4, 8], forced [4, 8]) on a ragged prefix mask."""
   rng = np.random.default_rng(seed)
-  b, hkv, n_q, n_k = 3, 2, 4, 8
   mask = _mask([32, 25, 14], [9, 4, 14])
-  visible = sg.visible_tiles(mask, 30, 32, n_q, n_k, BS)
-  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, hkv, n_q, n_k)) * 2), -1)
-  forced = sg.forced_tiles(n_q, n_k, BS)
+  visible = sg.visible_tiles(mask, 30, 32, 4, 8, BS)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 2, 4, 8)) * 2), -1)
+  return probs, visible, sg.forced_tiles(4, 8, BS)
+
+
+def _random_selection(threshold, top_k, seed=0):
+  probs, visible, forced = _selection_inputs(seed)
   sel = sg.select_blocks(probs, visible, forced, threshold=threshold, top_k=top_k)
   return np.asarray(sel), np.asarray(visible), forced, np.asarray(probs)
 
@@ -123,7 +127,34 @@ def test_gate_log_probs_average_the_group_heads():
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def _brute_force_target(q, k, mask, bs, num_queries):
+def test_coverage_keeps_the_fewest_blocks_reaching_the_mass():
+  probs, visible, forced = _selection_inputs(seed=7)
+  for coverage in (0.5, 0.8, 0.95):
+    got = np.asarray(sg.select_blocks(probs, visible, forced,
+                                      threshold=0.0, top_k=0, coverage=coverage))
+    probs, visible = np.asarray(probs), np.asarray(visible)
+    for b, h, i in np.ndindex(3, 2, 4):
+      vis, p = visible[b, i], np.where(visible[b, i], probs[b, h, i], 0.0)
+      want = set(np.flatnonzero(vis & forced[i]))   # always kept, and counted first
+      mass = p[list(want)].sum()
+      for j in sorted(np.flatnonzero(vis & ~forced[i]), key=lambda j: -p[j]):
+        if mass >= coverage:
+          break
+        want.add(j)
+        mass += p[j]
+      assert set(np.flatnonzero(got[b, h, i])) == want, (coverage, b, h, i)
+
+
+def test_coverage_combines_with_threshold_and_is_checked():
+  sel, _, _, _ = _random_selection(0.3, 0)
+  both = np.asarray(sg.select_blocks(*_selection_inputs(), threshold=0.3, top_k=0, coverage=0.6))
+  assert not (both & ~sel).any() and both.sum() < sel.sum()
+  with pytest.raises(ValueError, match='coverage=1.5'):
+    sg.select_blocks(*_selection_inputs(), threshold=0.0, top_k=0, coverage=1.5)
+
+
+
+def _brute_force_target(q, k, mask, bs, num_queries, kind):
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   kk = np.repeat(k, hq // hkv, axis=2)
@@ -131,19 +162,23 @@ def _brute_force_target(q, k, mask, bs, num_queries):
   vis = np.array(mask.dense(t, k.shape[1]))[:, None]
   probs = np.asarray(jax.nn.softmax(np.where(vis, logits, -np.inf), -1))
   probs = np.nan_to_num(probs) * (np.arange(t) < num_queries)[:, None]
-  probs = probs.reshape(b, hq, t // bs.block_q, bs.block_q, -1, bs.block_k).max(axis=(3, 5))
+  tiles = probs.reshape(b, hq, t // bs.block_q, bs.block_q, -1, bs.block_k)
+  # peak: the largest probability in the tile; mass: each row's sum over the
+  # key block, then the largest over the rows.
+  probs = tiles.max(axis=(3, 5)) if kind == 'peak' else tiles.sum(5).max(3)
   probs = probs.reshape(b, hkv, hq // hkv, *probs.shape[2:]).mean(2)
   return probs / probs.sum(-1, keepdims=True)
 
 
-def test_target_equals_brute_force_block_max_pooled_attention():
+@pytest.mark.parametrize('kind', ['peak', 'mass'])
+def test_target_equals_brute_force_block_pooled_attention(kind):
   rng = np.random.default_rng(5)
   q = rng.normal(size=(3, 16, 4, 8)).astype(np.float32)
   k = rng.normal(size=(3, 20, 2, 8)).astype(np.float32)
   mask = _mask([20, 13, 6], [7, 2, 6])
   got = sg.block_attention_target(jnp.asarray(q), jnp.asarray(k), mask, block_sizes=BS,
-                                  num_queries=14)
-  np.testing.assert_allclose(got, _brute_force_target(q, k, mask, BS, 14), atol=1e-6)
+                                  num_queries=14, kind=kind)
+  np.testing.assert_allclose(got, _brute_force_target(q, k, mask, BS, 14, kind), atol=1e-6)
   np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0, atol=1e-6)
 
 

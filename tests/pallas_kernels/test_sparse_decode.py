@@ -1,5 +1,6 @@
-"""Block-sparse decode (decode.py): the Triton kernel in interpret mode vs the
-jnp decode reference, the reference vs dense attention, and the seam.
+"""Block-sparse decode (decode.py): the Triton kernels (block tables; scores and
+a cutoff) in interpret mode vs their jnp references, the references vs dense
+attention, the seams, and the benchmark's fused decode step.
 
 Grids are (B, Hkv, splits): a handful of steps, so interpret mode is cheap.
 """
@@ -12,6 +13,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from benchmarks import attention as bench
 from flashmm_jax.ops import attention as attention_ops
 from flashmm_jax.ops import sparse_attention as sparse_ops
 from pallas_kernels.sparse_attention import block_tables as bt
@@ -44,13 +46,18 @@ CASES = [
 ]
 
 
-def _inputs(case, seed=0):
+def _random_qkv(case, rng, length):
+  """q [2, M, Hq, 32] and a K/V cache [2, length, Hkv, 32] in the case's dtype."""
   hq, hkv = case.heads
-  rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32),
                                       case.dtype)
-  q = normal(2, case.new, hq, 32)
-  k, v = normal(2, S, hkv, 32), normal(2, S, hkv, 32)
+  return normal(2, case.new, hq, 32), normal(2, length, hkv, 32), normal(2, length, hkv, 32)
+
+
+def _inputs(case, seed=0):
+  hkv = case.heads[1]
+  rng = np.random.default_rng(seed)
+  q, k, v = _random_qkv(case, rng, S)
   # Random blocks, always the one holding the newest token (like a gate would).
   kv_len = np.array(case.kv_len)
   mask = rng.random((2, hkv, N_BLOCKS)) < 0.5
@@ -129,3 +136,161 @@ def test_rejects_bad_shapes():
   with pytest.raises(ValueError, match=r'must be \(B, Hkv, max_k\)'):
     decode.sparse_decode(q, k, v, kv_ids[:1], kv_count, **lens, block_k=BLOCK_K,
                          interpret=True)
+
+
+# --------------------------------------- scores + cutoff (sparse_decode_scored) ---
+
+S_SCORED = 128               # 8 blocks: room for a budget between forced and all
+N_SCORED = S_SCORED // BLOCK_K
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredCase:
+  name: str
+  new: int
+  heads: tuple[int, int]
+  kv_len: tuple[int, int]
+  rule: str                  # block_cutoff.RULES
+  cutoff: str                # 'random' | 'all' (every live block) | 'forced' (none else)
+  prefix: tuple[int, int] = (0, 0)
+  splits: int = 2
+  dtype: str = 'float32'
+  tied: bool = False         # scores in {-1, 0, 1}: ties at the top-k cutoff
+
+
+SCORED_CASES = [
+    ScoredCase('top_k_one_token_mha', 1, (2, 2), (128, 37), 'top_k', 'random'),
+    ScoredCase('top_k_gqa8_ragged', 1, (8, 1), (100, 9), 'top_k', 'random', splits=3),
+    ScoredCase('top_k_ties_gqa4', 2, (8, 2), (128, 75), 'top_k', 'random', tied=True),
+    ScoredCase('keep_min_four_tokens_gqa4_prefix', 4, (8, 2), (70, 128), 'keep_min',
+               'random', prefix=(66, 10)),
+    ScoredCase('all_blocks_eight_tokens_bf16', 8, (4, 1), (128, 29), 'top_k', 'all',
+               dtype='bfloat16'),
+    ScoredCase('all_blocks_keep_min', 3, (4, 4), (111, 64), 'keep_min', 'all'),
+    ScoredCase('forced_only_top_k', 2, (4, 2), (33, 120), 'top_k', 'forced', splits=1),
+    ScoredCase('forced_only_keep_min', 1, (2, 1), (128, 50), 'keep_min', 'forced'),
+    ScoredCase('more_splits_than_blocks', 3, (2, 1), (128, 21), 'top_k', 'random',
+               splits=16),
+]
+
+
+def _scored_inputs(case, seed=0):
+  hkv = case.heads[1]
+  rng = np.random.default_rng(seed)
+  q, k, v = _random_qkv(case, rng, S_SCORED)
+  if case.tied:
+    scores = rng.integers(-1, 2, (2, hkv, N_SCORED)).astype(np.float32)
+  else:
+    scores = rng.standard_normal((2, hkv, N_SCORED), np.float32)
+  if case.rule == 'top_k':
+    budget = {'random': rng.integers(0, N_SCORED, (2, hkv)),
+              'all': np.full((2, hkv), N_SCORED), 'forced': np.zeros((2, hkv))}
+    cutoff = jnp.asarray(budget[case.cutoff], jnp.int32)
+  else:
+    keep_min = {'random': rng.standard_normal((2, hkv)),
+                'all': np.full((2, hkv), -np.inf), 'forced': np.full((2, hkv), np.inf)}
+    cutoff = jnp.asarray(keep_min[case.cutoff], jnp.float32)
+  kv_len = np.array(case.kv_len)
+  lens = dict(kv_len=jnp.asarray(kv_len, jnp.int32),
+              prefix_len=jnp.asarray(case.prefix, jnp.int32),
+              q_offset=jnp.asarray(kv_len - case.new, jnp.int32))
+  return q, k, v, jnp.asarray(scores), cutoff, lens
+
+
+@pytest.mark.parametrize('case', SCORED_CASES, ids=[c.name for c in SCORED_CASES])
+def test_scored_kernel_matches_reference(case):
+  q, k, v, scores, cutoff, lens = _scored_inputs(case)
+  out = decode.sparse_decode_scored(q, k, v, scores, cutoff, **lens, block_k=BLOCK_K,
+                                    rule=case.rule, num_splits=case.splits,
+                                    interpret=True)
+  as32 = lambda x: x.astype(jnp.float32)
+  want = decode.sparse_decode_scored_reference(as32(q), as32(k), as32(v), scores,
+                                               cutoff, **lens, block_k=BLOCK_K,
+                                               rule=case.rule)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  tol = 1e-5 if case.dtype == 'float32' else 2e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize('rule', ['top_k', 'keep_min'])
+def test_scored_reference_all_blocks_is_dense_attention(rule):
+  case = dataclasses.replace(SCORED_CASES[3], rule=rule, cutoff='all')
+  q, k, v, scores, cutoff, lens = _scored_inputs(case, seed=1)
+  got = decode.sparse_decode_scored_reference(q, k, v, scores, cutoff, **lens,
+                                              block_k=BLOCK_K, rule=rule)
+  want = attention_ops.attend(q, k, v, attention_ops.MaskSpec(causal=True, **lens),
+                              implementation='xla')
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_scored_forced_only_reads_first_and_new_blocks():
+  """Only block 0 and the new tokens' blocks: the same as listing them."""
+  case = SCORED_CASES[6]                       # kv_len (33, 120), 2 new tokens
+  q, k, v, scores, cutoff, lens = _scored_inputs(case, seed=2)
+  got = decode.sparse_decode_scored(q, k, v, scores, cutoff, **lens, block_k=BLOCK_K,
+                                    rule='top_k', interpret=True)
+  # Tokens 31, 32 -> blocks {0, 1, 2}; tokens 118, 119 -> blocks {0, 7}.
+  ids = jnp.array([[[0, 1, 2]] * 2, [[0, 7, 7]] * 2], jnp.int32)
+  count = jnp.array([[3, 3], [2, 2]], jnp.int32)
+  want = decode.sparse_decode_reference(q, k, v, ids, count, **lens, block_k=BLOCK_K)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_scored_splits_do_not_change_the_result():
+  q, k, v, scores, cutoff, lens = _scored_inputs(SCORED_CASES[1], seed=3)
+  outs = [decode.sparse_decode_scored(q, k, v, scores, cutoff, **lens, block_k=BLOCK_K,
+                                      rule='top_k', num_splits=n, interpret=True)
+          for n in (1, 5)]
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+
+
+def test_scored_seam_triton_matches_reference():
+  q, k, v, scores, cutoff, lens = _scored_inputs(SCORED_CASES[0], seed=4)
+  mask = attention_ops.MaskSpec(causal=True, **lens)
+  run = lambda impl: sparse_ops.sparse_decode_scored(
+      q, k, v, mask, scores, cutoff, block_k=BLOCK_K, rule='top_k',
+      implementation=impl)
+  np.testing.assert_allclose(run('triton'), run('reference'), atol=1e-5, rtol=1e-5)
+
+
+def test_scored_rejects_bad_inputs():
+  q, k, v, scores, cutoff, lens = _scored_inputs(SCORED_CASES[0])
+  mask = attention_ops.MaskSpec(causal=True, **lens)
+  call = lambda s, c, rule='top_k': sparse_ops.sparse_decode_scored(
+      q, k, v, mask, s, c, block_k=BLOCK_K, rule=rule, implementation='triton')
+  with pytest.raises(ValueError, match=r'scores.shape=.* must be \(B, Hkv, S // block_k\)'):
+    call(scores[..., :-1], cutoff)
+  with pytest.raises(ValueError, match=r'cutoff.shape=.* must be \(B, Hkv\)'):
+    call(scores, cutoff[:, :1])
+  with pytest.raises(ValueError, match="rule='top_p' must be one of"):
+    call(scores, cutoff, rule='top_p')
+  with pytest.raises(ValueError, match='must be a multiple of block_k=16'):
+    decode.sparse_decode_scored(q, k[:, :40], v[:, :40], scores, cutoff, **lens,
+                                block_k=BLOCK_K, interpret=True)
+
+
+def test_benchmark_fused_step_matches_reference():
+  """benchmarks/attention.py's timed fused step (pooled-key scores, in-kernel
+  top-k, kernel) on a tiny cache, against the reference on the same scores."""
+  q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[1], seed=5)   # no prefix
+  pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
+  got = bench.fused_decode_step(q, k, v, pooled, lens['kv_len'], lens['q_offset'],
+                                budget=3, block_k=BLOCK_K, interpret=True)
+  want = decode.sparse_decode_scored_reference(
+      q, k, v, bench.decode_scores(q, pooled), jnp.full((2, 1), 3), **lens,
+      block_k=BLOCK_K, rule='top_k')
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_head_major_layout_is_the_same_step():
+  """The benchmark's head-major variant (kv heads as batch rows) computes the
+  same attention as the [B, S, Hkv, D] cache."""
+  q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[3], seed=6)   # GQA 4, 2 kv heads
+  pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
+  args = (q, k, v, pooled, lens['kv_len'], lens['q_offset'])
+  step = lambda *a: bench.fused_decode_step(*a, budget=3, block_k=BLOCK_K, interpret=True)
+  b, m, hq, d = q.shape
+  hkv = k.shape[2]
+  got = step(*bench.head_major_decode_args(*args, hkv=hkv))
+  got = got.reshape(b, hkv, m, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(q.shape)
+  np.testing.assert_allclose(got, step(*args), atol=1e-5, rtol=1e-5)

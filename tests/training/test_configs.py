@@ -59,3 +59,6 @@ def test_sparse_flag_is_the_gate_recipe(variant):
   assert c.model.sparse.enabled and c.train.trainable == 'gate' and c.train.gate_loss_weight > 0
   tokens = (c.data.image_size // c.model.vision.patch_size) ** 2 + c.data.max_text_len
   assert tokens // c.model.sparse.block_k >= 4, 'too few key blocks to prune'
+  joint = flash.get_config(f'{variant},sparse,joint')
+  assert joint.model.sparse.enabled and joint.train.trainable == 'all'
+  assert joint.train.lr < c.train.lr   # the LM moves gently off its dense optimum

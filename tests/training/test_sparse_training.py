@@ -1,5 +1,7 @@
 """Fine-tuning the sparse gate on a dense checkpoint: frozen params, metrics, eval, errors."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from flashmm_jax.evaluation import runner
 from flashmm_jax.models import gate
 from flashmm_jax.training import sharding
 from flashmm_jax.training import trainer
+from tests import test_cli
 
 
 def _config(arg='tiny', **train):
@@ -118,3 +121,47 @@ def test_bad_trainable_settings_are_named(tmp_path, arg, train, match):
   c = _config(arg, **train)
   with pytest.raises(ValueError, match=match):
     trainer.Trainer(c, str(tmp_path), mesh=_mesh(c))
+
+
+def test_selection_rule_can_be_swept_on_one_gate(gate_run):
+  c, t, _ = gate_run
+  model = t.model()
+  tokenizer = tokenizer_lib.get_tokenizer(c.data.tokenizer)
+  sparsity = {}
+  for rule in (dict(threshold=0.0, coverage=0.0), dict(threshold=0.0, coverage=0.3)):
+    gate.set_selection(model, **rule)
+    results = runner.evaluate(model, c, tokenizer)
+    assert results['selection'] == dict(rule, top_k=0)
+    sparsity[rule['coverage']] = results['sparsity']['sparsity/overall']
+  assert sparsity[0.0] == 0.0 < sparsity[0.3]   # everything visible vs the top 30%
+  with pytest.raises(ValueError, match=r"selection keys \['block_q'\] unknown"):
+    gate.set_selection(model, block_q=8)
+  with pytest.raises(ValueError, match='coverage=2.0'):
+    gate.set_selection(model, coverage=2.0)
+
+
+def test_joint_recipe_trains_the_whole_model(gate_run, tmp_path):
+  _, t, _ = gate_run
+  c = _config('tiny,sparse,joint', init_from=str(t.workdir))
+  assert c.train.trainable == 'all' and c.model.sparse.enabled
+  joint = trainer.Trainer(c, str(tmp_path), mesh=_mesh(c))
+  history = joint.run()
+  assert 'gate/kl' in history[-1][1]
+  before, after = _flat(t.params), _flat(joint.params)
+  changed = {n for n in before if not np.array_equal(before[n], after[n])}
+  assert any(gate.GATE_NAME in n for n in changed)
+  assert any('mlp' in n for n in changed)    # the LM trains through the sparse kernel
+
+
+def test_eval_cli_sweeps_selection_rules(gate_run):
+  _, t, _ = gate_run
+  r = test_cli.run('eval.py', '--config=configs/flash.py:tiny,sparse', f'--workdir={t.workdir}',
+                   '--config.data.tasks=vqa_color', '--config.data.eval_examples=4',
+                   '--config.eval.batch_size=4', '--config.eval.max_decode_len=3',
+                   '--sweep=threshold=0', '--sweep=threshold=0,coverage=0.3')
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ('threshold0.0', 'threshold0.0_coverage0.3'):
+    assert (pathlib.Path(t.workdir) / 'eval' / name / 'results.json').exists(), name
+  bad = test_cli.run('eval.py', '--config=configs/flash.py:tiny,sparse',
+                     f'--workdir={t.workdir}', '--sweep=block_q=8')
+  assert bad.returncode == 1 and "--sweep item 'block_q=8'" in bad.stderr
