@@ -113,8 +113,12 @@ def model_config(family, size):
   #     of each row's attention, max over the rows of the query block).
   #   gate_dim: width of the gate's per-head projections (even: rotary).
   #   min_kv_blocks: shorter sequences take the dense path.
+  #   decode: decode steps against the KV cache are sparse too (the gate scores
+  #     the new token against per-block key statistics kept in the cache);
+  #     off by default: the measured recipes decode densely.
   c.sparse = dict(enabled=False, kernel='auto', block_q=128, block_k=64, threshold=0.3,
-                  top_k=0, coverage=0.0, target='peak', gate_dim=64, min_kv_blocks=2)
+                  top_k=0, coverage=0.0, target='peak', gate_dim=64, min_kv_blocks=2,
+                  decode=False)
   return c
 
 

@@ -1,10 +1,12 @@
 """Grouped-query self-attention over the ops.attention seam, with a KV cache.
 
 With config.model.sparse.enabled, rotary (LM) layers carry a learned block gate
-(models/gate.py) and run training and prefill through the block-sparse seam.
+(models/gate.py) and run training and prefill through the block-sparse seam;
+with config.model.sparse.decode, decode steps too.
 """
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from flax import nnx
 
@@ -16,8 +18,13 @@ from flashmm_jax.models import layers
 def write_cache(cache, k, v, start):
   """Writes k, v [B, T, Hkv, D] into cache k, v [B, S, Hkv, D] at row b's start[b]."""
   put = jax.vmap(lambda buf, new, at: lax.dynamic_update_slice_in_dim(buf, new, at, axis=0))
-  return dict(k=put(cache['k'], k.astype(cache['k'].dtype), start),
+  return dict(cache, k=put(cache['k'], k.astype(cache['k'].dtype), start),
               v=put(cache['v'], v.astype(cache['v'].dtype), start))
+
+
+def _is_decode_step(length, cache):
+  """One new token against a cache (more is a prefill: decode.py's contract)."""
+  return cache is not None and length == 1
 
 
 class Attention(nnx.Module):
@@ -42,11 +49,22 @@ class Attention(nnx.Module):
                        if sparse is not None and sparse.enabled and rope_base is not None
                        else None)
 
+  def init_cache(self, batch, length, dtype):
+    """This layer's empty cache: k, v [B, S, Hkv, D], plus the gate's
+    key-block statistics when its decode steps are sparse (length must then
+    be a multiple of the gate's block_k)."""
+    zeros = lambda: jnp.zeros((batch, length) + self.k.out_shape, dtype)
+    cache = dict(k=zeros(), v=zeros())
+    if self._keeps_key_stats():
+      cache.update(self.block_gate.empty_key_stats(batch, length))
+    return cache
+
   def __call__(self, x, positions, mask, cache=None):
     """x [B, T, W] at positions [B, T] -> ([B, T, W], cache).
 
-    With a cache (dict k, v of [B, S, Hkv, D]) the new keys are written at
-    each row's mask.q_offset and the queries attend over the whole cache.
+    With a cache (dict k, v of [B, S, Hkv, D], see init_cache) the new keys
+    are written at each row's mask.q_offset and the queries attend over the
+    whole cache.
     """
     q_raw, k_raw, v = self.q(x), self.k(x), self.v(x)
     q, k = q_raw, k_raw
@@ -55,19 +73,25 @@ class Attention(nnx.Module):
       k = layers.rope(k, positions, self.rope_base)
     if cache is not None:
       cache = write_cache(cache, k, v, mask.q_offset)
+      if self._keeps_key_stats():
+        # Dense prefills too: later decode steps may be long enough to be sparse.
+        cache = self.block_gate.fold_keys(cache, k_raw, mask)
     if self._sparse(x.shape[1], cache):
       # At a prefill (position 0) the cache holds nothing but these keys, so
       # attending over them alone equals attending over the cache.
       out = self.block_gate.attend(q_raw, k_raw, q, k, v, mask)
+    elif self._sparse_decode(x.shape[1], cache):
+      out = self.block_gate.attend_decode(q_raw, q, cache, mask)
     else:
       if cache is not None:
-        # Decode steps (and dense prefills) read the whole cache. Sparse
-        # decode plugs in here: gate this step's query against the cached key
-        # blocks' summaries, then ops.sparse_attention.sparse_decode over the
-        # selected blocks only.
+        # Dense decode steps and dense prefills read the whole cache.
         k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
       out = ops.attention.attend(q, k, v, mask, implementation=self.implementation)
     return self.o(out), cache
+
+  def _keeps_key_stats(self):
+    """Whether this layer's cache holds key-block statistics for its gate."""
+    return self.block_gate is not None and self.block_gate.decode
 
   def _sparse(self, length, cache):
     """Sparse path: a gate, a long enough sequence, and training or a prefill.
@@ -76,6 +100,12 @@ class Attention(nnx.Module):
     (decode.py's contract); the sparse seam has no q_offset, so a chunked
     prefill at q_offset > 0 would need one first.
     """
-    if self.block_gate is None or (cache is not None and length == 1):
+    if self.block_gate is None or _is_decode_step(length, cache):
       return False
     return self.block_gate.applies(length)
+
+  def _sparse_decode(self, length, cache):
+    """Sparse decode step: model.sparse.decode and a cache long enough for the
+    sparse path (static, like the prefill's length test)."""
+    return (_is_decode_step(length, cache) and self._keeps_key_stats()
+            and self.block_gate.applies(cache['k'].shape[1]))

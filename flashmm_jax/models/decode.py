@@ -1,23 +1,27 @@
 """Prefill + greedy decoding over a preallocated KV cache.
 
-The cache is a plain pytree (one dict(k, v) of [B, S, Hkv, D] per LM block) so
-a serving engine can own and page it. Row b's new token t sits at absolute
-position image_tokens + prefix_len[b] + t, exactly where training put it:
-ragged prompts need no left padding.
+The cache is a plain pytree so a serving engine can own and page it: one dict
+per LM block, k and v of [B, S, Hkv, D], and with model.sparse.decode the
+gate's key-block statistics gate_max, gate_min, gate_sum, f32 [B, S / block_k,
+Hkv, D] over the pre-rotary keys written so far. Row b's new token t sits at
+absolute position image_tokens + prefix_len[b] + t, exactly where training put
+it: ragged prompts need no left padding.
 """
 
 import jax.numpy as jnp
 from jax import lax
 
 from flashmm_jax import ops
+from flashmm_jax.models import gate
 
 
 def init_cache(model, batch, length):
-  """Zeroed KV cache for `length` positions, in the compute dtype."""
+  """Empty KV cache for `length` positions, in the compute dtype. With sparse
+  decode steps, length rounds up to whole key blocks (the kernels' unit)."""
   dec = model.decoder
-  k_shape = dec.blocks[0].attn.k.out_shape  # (num_kv_heads, head_dim)
-  zeros = lambda: jnp.zeros((batch, length) + k_shape, dec.dtype)
-  return [dict(k=zeros(), v=zeros()) for _ in dec.blocks]
+  block = max((g.block_sizes.block_k for g in gate.gates(dec) if g.decode), default=1)
+  length = -(-length // block) * block
+  return [blk.attn.init_cache(batch, length, dec.dtype) for blk in dec.blocks]
 
 
 def _prefill(model, image, text, prefix_len, cache):

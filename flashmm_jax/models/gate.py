@@ -3,8 +3,10 @@
 Split from ops/sparse_gate.py by the import rules: the gate's params need
 models.layers.param (logical axes) and ops/ does not import models/, so the
 parameter-free math (pooling, selection, target, KL, statistics) lives in
-ops.sparse_gate and this file holds the projections and the sparse path of
-one attention layer: gate -> selection -> tables -> ops.sparse_attention.
+ops.sparse_gate and this file holds the projections and the sparse paths of
+one attention layer: gate -> selection -> tables -> ops.sparse_attention,
+for training and prefill (attend) and, with config.model.sparse.decode, for
+decode steps against the KV cache (attend_decode).
 
 The gate reads the layer's q, k under stop_gradient: its only training
 signal is the distillation KL (train.gate_loss_weight), and that KL never
@@ -43,6 +45,8 @@ def check_sparse_config(sp):
   if sp.gate_dim < 2 or sp.gate_dim % 2:
     raise ValueError(f'config.model.sparse.gate_dim={sp.gate_dim} must be even (rotary pairs)')
   sg.check_rule(sp.threshold, sp.top_k, sp.coverage, where='config.model.sparse.')
+  if not isinstance(sp.decode, bool):
+    raise ValueError(f'config.model.sparse.decode={sp.decode!r} must be True or False')
   if sp.target not in sg.TARGETS:
     raise ValueError(f'config.model.sparse.target={sp.target!r} must be one of {sg.TARGETS}')
   ops.sparse_attention.get(sp.kernel)  # unknown kernel names fail here
@@ -68,7 +72,9 @@ class BlockGate(nnx.Module):
     self.threshold, self.top_k = float(sp.threshold), int(sp.top_k)
     self.coverage, self.target = float(sp.coverage), sp.target
     self.kernel, self.min_kv_blocks = sp.kernel, int(sp.min_kv_blocks)
-    self.rope_base, self.head_dim = rope_base, head_dim
+    self.decode = sp.decode  # decode steps take the sparse path too
+    self.decode_kernel = ops.sparse_attention.decode_implementation(sp.kernel)
+    self.rope_base, self.head_dim, self.num_kv_heads = rope_base, head_dim, num_kv_heads
     self.group = num_heads // num_kv_heads
     self.distill = False  # set by the train step when the KL is in the loss
     init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
@@ -85,19 +91,32 @@ class BlockGate(nnx.Module):
   def log_probs(self, q, k, mask, visible, num_queries):
     """Pre-rotary q [B, T, Hq, D], k [B, S, Hkv, D] (padded to the blocks) ->
     log-probabilities over key blocks [B, Hkv, nQ, nK], one per GQA group."""
-    bq, bk = self.block_sizes.block_q, self.block_sizes.block_k
-    gq = jnp.einsum('bqhd,hdg->bqhg', sg.pool_queries(q, bq, num_queries),
-                    self.q_proj[...].astype(jnp.float32))
-    gk = jnp.einsum('bkhe,heg->bkhg', sg.pool_keys(k, bk, mask.kv_len),
-                    self.k_proj[...].astype(jnp.float32))
+    bq = self.block_sizes.block_q
+    pooled_q = sg.pool_queries(q, bq, num_queries)
+    n_q = pooled_q.shape[1]
+    q_start = jnp.broadcast_to(jnp.arange(n_q) * bq, (q.shape[0], n_q))
+    return self._score(pooled_q, q_start,
+                       sg.pool_keys(k, self.block_sizes.block_k, mask.kv_len), visible)
+
+  def _score(self, pooled_q, q_start, pooled_k, visible):
+    """Pooled pre-rotary queries [B, nQ, Hq, D] of blocks starting at q_start
+    [B, nQ] and keys [B, nK, Hkv, 3D] -> log-probs [B, Hkv, nQ, nK]."""
+    gq = jnp.einsum('bqhd,hdg->bqhg', pooled_q, self.q_proj[...].astype(jnp.float32))
+    gk = jnp.einsum('bkhe,heg->bkhg', pooled_k, self.k_proj[...].astype(jnp.float32))
     # Rotary at each block's first position: the score sees relative offsets.
-    start = lambda n, size: jnp.broadcast_to(jnp.arange(n) * size, (q.shape[0], n))
-    gq = layers.rope(gq, start(gq.shape[1], bq), self.rope_base)
-    gk = layers.rope(gk, start(gk.shape[1], bk), self.rope_base)
+    n_k = gk.shape[1]
+    k_start = jnp.broadcast_to(jnp.arange(n_k) * self.block_sizes.block_k, gk.shape[:2])
+    gq = layers.rope(gq, q_start, self.rope_base)
+    gk = layers.rope(gk, k_start, self.rope_base)
     b, n_q, hq, g_dim = gq.shape
     gq = gq.reshape(b, n_q, hq // self.group, self.group, g_dim)
     logits = jnp.einsum('bqkgd,bpkd->bkgqp', gq, gk) * g_dim ** -0.5
     return sg.gate_log_probs(logits, visible)
+
+  def _keep(self, log_p, visible, forced):
+    """The selection rule (threshold, top_k, coverage) on gate log-probs."""
+    return sg.select_blocks(jnp.exp(log_p), visible, forced, threshold=self.threshold,
+                            top_k=self.top_k, coverage=self.coverage)
 
   def select(self, q_raw, k_raw, mask, num_queries, num_keys):
     """Padded pre-rotary q, k -> (log-probs [B, Hkv, nQ, nK], visible tiles
@@ -107,10 +126,7 @@ class BlockGate(nnx.Module):
     visible = sg.visible_tiles(mask, num_queries, num_keys, n_q, n_k, bs)
     log_p = self.log_probs(jax.lax.stop_gradient(q_raw), jax.lax.stop_gradient(k_raw),
                            mask, visible, num_queries)
-    selected = sg.select_blocks(jnp.exp(log_p), visible, sg.forced_tiles(n_q, n_k, bs),
-                                threshold=self.threshold, top_k=self.top_k,
-                                coverage=self.coverage)
-    return log_p, visible, selected
+    return log_p, visible, self._keep(log_p, visible, sg.forced_tiles(n_q, n_k, bs))
 
   def attend(self, q_raw, k_raw, q, k, v, mask):
     """Sparse attention from position 0 (training or prefill): [B, T, Hq, D].
@@ -137,6 +153,47 @@ class BlockGate(nnx.Module):
                                          kind=self.target)
       _record(self, 'gate_kl', sg.gate_kl(target, log_p))
     return out[:, :t]
+
+  def empty_key_stats(self, batch, length):
+    """The KV-cache entries (sg.KEY_STATS) of a cache of `length` positions
+    (a block multiple) before any key is written."""
+    return sg.empty_key_stats(batch, length // self.block_sizes.block_k,
+                              self.num_kv_heads, self.head_dim)
+
+  def fold_keys(self, cache, k_raw, mask):
+    """The cache with this call's pre-rotary keys k_raw [B, T, Hkv, D], at
+    positions q_offset + t, folded into its key-block statistics."""
+    positions = mask.q_offset[:, None] + jnp.arange(k_raw.shape[1])
+    return dict(cache, **sg.fold_key_stats(cache, k_raw, positions, mask.kv_len,
+                                           self.block_sizes.block_k))
+
+  def select_decode(self, q_raw, cache, mask):
+    """A decode step's key blocks [B, Hkv, 1, nK]: the prefill's gate and rule,
+    with the step's M new tokens (pre-rotary q_raw [B, M, Hq, D], starting at
+    q_offset) as the query block and the cache's key-block statistics, which
+    hold every key < kv_len, pooled as pool_keys would."""
+    m, bk = q_raw.shape[1], self.block_sizes.block_k
+    n_k = cache['k'].shape[1] // bk
+    visible = sg.visible_tiles(mask, m, cache['k'].shape[1], 1, n_k, bt.BlockSizes(m, bk))
+    log_p = self._score(sg.pool_queries(q_raw, m, m), mask.q_offset[:, None],
+                        sg.pooled_key_stats(cache, mask.kv_len, bk), visible)
+    return self._keep(log_p, visible, sg.forced_decode_blocks(mask.q_offset, m, n_k, bk))
+
+  def attend_decode(self, q_raw, q, cache, mask):
+    """A sparse decode step, [B, M, Hq, D]: q over the cache blocks select_decode
+    keeps. The cache already holds the step's keys (k, v and statistics).
+
+    Tile statistics are not recorded: decode steps run inside generate's
+    while_loop, where a sown value would leak the loop's tracers, and the
+    eval's sparsity figures mean the prefill.
+    """
+    bk = self.block_sizes.block_k
+    selected = self.select_decode(q_raw, cache, mask)[:, :, 0]
+    width = sg.decode_table_width(selected.shape[-1], q.shape[1], bk, self.top_k)
+    kv_ids, kv_count = bt.compact_rows(selected, width)
+    k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
+    return ops.sparse_attention.sparse_decode(q, k, v, mask, kv_ids, kv_count, block_k=bk,
+                                              implementation=self.decode_kernel)
 
 
 def gates(model):

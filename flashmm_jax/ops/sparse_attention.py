@@ -18,6 +18,7 @@ from flashmm_jax.ops import registry
 from pallas_kernels.sparse_attention import block_tables as bt
 from pallas_kernels.sparse_attention import decode
 from pallas_kernels.sparse_attention import reference
+from pallas_kernels.sparse_attention import triton_common
 
 _REGISTRY = registry.Registry('sparse attention')
 register = _REGISTRY.register
@@ -136,7 +137,8 @@ def sparse_decode(q, k_cache, v_cache, mask, kv_ids, kv_count, *, block_k,
   q [B, M, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; mask a MaskSpec whose
   q_offset is the absolute position of new token 0 and kv_len the filled cache
   length; kv_ids [B, Hkv, max_k] / kv_count [B, Hkv] the selected blocks of
-  block_k keys. Returns [B, M, Hq, D]; implementation 'reference' | 'triton'.
+  block_k keys. Returns [B, M, Hq, D]; implementation 'reference' | 'triton'
+  | 'auto'.
   """
   if k_cache.shape[1] % block_k:
     raise ValueError(f'sparse_decode: cache length {k_cache.shape[1]} must be a '
@@ -157,6 +159,29 @@ def _decode_triton(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
   return decode.sparse_decode(
       q, k_cache, v_cache, kv_ids, kv_count, mask.kv_len, prefix_for(mask),
       mask.q_offset, block_k=block_k, interpret=_triton_interpret())
+
+
+@_DECODE.register('auto')
+def _decode_auto(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
+  """Triton on a GPU where its tiles fit, else the jnp reference (on a CPU
+  host the Triton interpreter is for tests)."""
+  if jax.default_backend() == 'gpu' and _triton_tiles_fit(block_k, q.shape[-1]):
+    return _decode_triton(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k)
+  return _decode_reference(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k)
+
+
+def _triton_tiles_fit(block_k, head_dim):
+  try:
+    triton_common.check_pow2(block_k=block_k, head_dim=head_dim)
+  except ValueError:
+    return False
+  return True
+
+
+def decode_implementation(kernel):
+  """The sparse_decode implementation for a model.sparse.kernel: itself where
+  it has a decode version, else 'auto' ('mosaic' and 'tpu' have none)."""
+  return kernel if kernel in _DECODE.names() else 'auto'
 
 
 _DECODE_SCORED = registry.Registry('scored sparse decode')

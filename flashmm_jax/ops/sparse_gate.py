@@ -16,7 +16,9 @@ Shapes: q [B, T, Hq, D], k [B, S, Hkv, D] with T, S multiples of the block
 sizes (pad_axis pads them); block arrays are [B, Hkv, nQ, nK] (one selection
 per GQA group, as the kernels' tables) or [B, nQ, nK] (the element mask's
 tiles, the same for every head). Queries start at position 0 (training and
-prefill): the block a query sits in is its diagonal block.
+prefill): the block a query sits in is its diagonal block. A decode step is
+one query block, its new tokens, at q_offset; it pools the cached keys from
+running per-block statistics (fold_key_stats) instead of the keys themselves.
 """
 
 import jax
@@ -60,13 +62,53 @@ def pool_keys(k, block_k, kv_len):
   x = _blocks(k.astype(jnp.float32), block_k)
   j = jnp.arange(k.shape[1]).reshape(1, -1, block_k, 1, 1)
   real = j < jnp.asarray(kv_len, jnp.int32).reshape(-1, 1, 1, 1, 1)
-  count = real.sum(2)
-  hi = jnp.where(real, x, -jnp.inf).max(2)
-  lo = jnp.where(real, x, jnp.inf).min(2)
-  mean = (x * real).sum(2) / jnp.maximum(count, 1)
+  return _pooled(jnp.where(real, x, -jnp.inf).max(2), jnp.where(real, x, jnp.inf).min(2),
+                 (x * real).sum(2), real.sum(2))
+
+
+def _pooled(hi, lo, total, count):
+  """pool_keys' output from a block's max, min, sum and count of real keys."""
   any_real = count > 0
-  return jnp.concatenate([jnp.where(any_real, hi, 0.0), jnp.where(any_real, lo, 0.0), mean],
-                         axis=-1)
+  return jnp.concatenate([jnp.where(any_real, hi, 0.0), jnp.where(any_real, lo, 0.0),
+                          total / jnp.maximum(count, 1)], axis=-1)
+
+
+# A decode step's KV cache keeps these per key block, over the pre-rotary keys
+# written so far: pooling then costs O(nK) per step, not a pass over the cache.
+KEY_STATS = ('gate_max', 'gate_min', 'gate_sum')
+
+
+def empty_key_stats(batch, n_k, num_kv_heads, head_dim):
+  """Statistics of no keys, named as in the cache: f32 [B, nK, Hkv, D] each.
+  Max -inf and min +inf, so a block's first key replaces them."""
+  shape = (batch, n_k, num_kv_heads, head_dim)
+  return dict(gate_max=jnp.full(shape, -jnp.inf), gate_min=jnp.full(shape, jnp.inf),
+              gate_sum=jnp.zeros(shape))
+
+
+def fold_key_stats(stats, k, positions, kv_len, block_k):
+  """Folds keys k [B, T, Hkv, D] at absolute positions [B, T] into the KEY_STATS
+  of `stats` (other entries are ignored); returns the new KEY_STATS. Keys at
+  positions >= kv_len[b] are padding and stay out. The sum counts a key as
+  often as it is folded, so each position must be folded once."""
+  n_k = stats['gate_max'].shape[1]
+  real = positions < jnp.asarray(kv_len, jnp.int32)[:, None]
+  block = jnp.where(real, positions // block_k, n_k)     # n_k: out of range, dropped
+  at = lambda name: stats[name].at[jnp.arange(k.shape[0])[:, None], block]
+  k = k.astype(jnp.float32)
+  return dict(gate_max=at('gate_max').max(k, mode='drop'),
+              gate_min=at('gate_min').min(k, mode='drop'),
+              gate_sum=at('gate_sum').add(k, mode='drop'))
+
+
+def pooled_key_stats(stats, kv_len, block_k):
+  """pool_keys of every key < kv_len[b], from the KEY_STATS that hold exactly
+  those keys: [B, nK, Hkv, 3D] in f32."""
+  n_k = stats['gate_max'].shape[1]
+  first = jnp.arange(n_k) * block_k
+  count = jnp.clip(jnp.asarray(kv_len, jnp.int32)[:, None] - first, 0, block_k)
+  return _pooled(stats['gate_max'], stats['gate_min'], stats['gate_sum'],
+                 count[:, :, None, None])
 
 
 def element_visible(mask, q_pos, k_pos):
@@ -96,15 +138,27 @@ def visible_tiles(mask, num_queries, num_keys, n_q, n_k, block_sizes):
   return visible & real[None]
 
 
+def _first_or_overlapping(q0, num_queries, k0, block_k):
+  """Key blocks starting at k0 that are the first one or overlap the query
+  positions [q0, q0 + num_queries); works on numpy and jnp alike."""
+  return ((k0 < q0 + num_queries) & (k0 + block_k > q0)) | (k0 == 0)
+
+
 def forced_tiles(n_q, n_k, block_sizes):
   """bool [nQ, nK] (static): the first key block and the diagonal ones, those
   overlapping the query block's own positions. Kept whatever the gate says,
   so every real query sees the attention sink and itself."""
   bq, bk = block_sizes.block_q, block_sizes.block_k
-  q0 = np.arange(n_q)[:, None] * bq
-  k0 = np.arange(n_k)[None, :] * bk
-  diagonal = (k0 < q0 + bq) & (k0 + bk > q0)
-  return diagonal | (k0 == 0)
+  return _first_or_overlapping(np.arange(n_q)[:, None] * bq, bq,
+                               np.arange(n_k)[None, :] * bk, bk)
+
+
+def forced_decode_blocks(q_offset, num_new, n_k, block_k):
+  """bool [B, 1, 1, nK] (select_blocks' forced at a decode step): block 0 and
+  the blocks holding the num_new new tokens at q_offset[b].. -- forced_tiles
+  with the new tokens as the query block."""
+  q0 = jnp.asarray(q_offset, jnp.int32)[:, None, None, None]
+  return _first_or_overlapping(q0, num_new, jnp.arange(n_k) * block_k, block_k)
 
 
 def table_width(n_q, n_k, block_sizes, top_k):
@@ -113,6 +167,15 @@ def table_width(n_q, n_k, block_sizes, top_k):
   if top_k <= 0:
     return n_k
   return int(min(n_k, top_k + forced_tiles(n_q, n_k, block_sizes).sum(-1).max()))
+
+
+def decode_table_width(n_k, num_new, block_k, top_k):
+  """table_width of a decode step: the budget plus block 0 and the most
+  blocks num_new consecutive tokens can span."""
+  if top_k <= 0:
+    return n_k
+  span = -(-(num_new - 1) // block_k) + 1
+  return int(min(n_k, top_k + 1 + span))
 
 
 def check_rule(threshold, top_k, coverage, where='sparse '):
@@ -148,7 +211,9 @@ def select_blocks(probs, visible, forced, *, threshold, top_k, coverage=0.0):
     count adapts to how spread the row's attention is).
   Forced blocks (first + diagonal) are always kept; a tile the element mask
   hides is never kept. One selection per kv head: its query heads read the
-  same K/V tiles.
+  same K/V tiles. visible is [B, nQ, nK]; forced a bool array broadcastable
+  to [B, 1, nQ, nK]: static [nQ, nK] (forced_tiles) or per row [B, 1, nQ, nK]
+  (forced_decode_blocks).
   """
   check_rule(threshold, top_k, coverage)
   visible = visible[:, None]

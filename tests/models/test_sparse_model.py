@@ -1,5 +1,7 @@
 """The sparse-attention gate inside the model: dense equivalence, stats, decode."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +9,14 @@ import pytest
 from flax import nnx
 
 from flashmm_jax import models
+from flashmm_jax import ops
+from flashmm_jax.evaluation import runner
 from flashmm_jax.models import decode
 from flashmm_jax.models import gate
+from flashmm_jax.models import layers
+from flashmm_jax.ops import sparse_gate as sg
 from tests.models.helpers import batch, build, forward, tiny_config
+from tests.models.test_decode import _make_context_matter
 
 
 def sparse_config(**sparse):
@@ -143,3 +150,168 @@ def test_remat_keeps_the_gate_stats(dense):
   _, stats = captured_forward(with_dense_params(config, dense), long_batch(config))
   assert stats['visible_tiles'].shape == (2,)
 
+
+# ------------------------------------------------ sparse decode steps (decode=True) ---
+
+@functools.partial(nnx.jit, static_argnames='steps')
+def decode_steps(model, image, text, prefix_len, steps):
+  """Prefill + `steps` greedy steps -> (logits [steps + 1, B, V], cache); the
+  token fed at step t is the argmax of logits[t]."""
+  n = model.num_image_tokens
+  cache = models.init_cache(model, text.shape[0], n + text.shape[1] + steps)
+  logits, cache = decode._prefill(model, image, text, prefix_len, cache)
+  prefix = n + prefix_len
+  every = [logits]
+  for t in range(steps):
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits, cache = decode._step(model, token, prefix + t, prefix, cache)
+    every.append(logits)
+  return jnp.stack(every), cache
+
+
+def test_sparse_decode_keeping_every_block_equals_dense_decode(dense):
+  b = long_batch(tiny_config())
+  inputs = (b['image'], b['text'], b['prefix_len'])
+  runs = []
+  for on in (False, True):  # threshold, top_k and coverage 0: every visible block
+    model = with_dense_params(sparse_config(decode=on), dense)
+    _make_context_matter(model)
+    tokens, stats = runner.make_decoder(model, 8, eos_id=-1)(*inputs)
+    logits, cache = decode_steps(model, *inputs, steps=4)
+    runs.append((np.asarray(tokens), stats, logits, cache))
+  (want_tokens, want_stats, want_logits, _), (tokens, stats, logits, cache) = runs
+  np.testing.assert_array_equal(tokens, want_tokens)
+  assert len(np.unique(tokens)) > 3
+  np.testing.assert_allclose(logits, want_logits, atol=2e-5)
+  assert set(cache[0]) == {'k', 'v', *sg.KEY_STATS}      # the decode steps kept statistics
+  # The eval's sparsity figures still cover the prefill only.
+  assert stats.keys() == want_stats.keys() and float(stats['visible_tiles'].sum()) > 0
+  for name, value in stats.items():
+    np.testing.assert_array_equal(value, want_stats[name], err_msg=name)
+
+
+def _rope(x, positions, base):
+  return np.asarray(layers.rope(jnp.asarray(x), jnp.asarray(positions), base), np.float64)
+
+
+def _softmax(logits, keep):
+  logits = np.where(keep, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return p / p.sum(-1, keepdims=True)
+
+
+def _gate_probs(block_gate, q_raw, k_pre, pos, kv_len):
+  """By hand: the gate's probabilities [B, Hkv, nK] of the new tokens' query
+  q_raw [B, Hq, D] at pos against the key blocks of pre-rotary k_pre [B, S, Hkv, D]."""
+  bk, base, group = block_gate.block_sizes.block_k, block_gate.rope_base, block_gate.group
+  pooled = np.asarray(sg.pool_keys(jnp.asarray(k_pre, jnp.float32), bk, kv_len), np.float64)
+  b, n_k = pooled.shape[:2]
+  gk = np.einsum('bkhe,heg->bkhg', pooled, np.asarray(block_gate.k_proj[...]))
+  gk = _rope(gk, np.broadcast_to(np.arange(n_k) * bk, (b, n_k)), base)
+  gq = np.einsum('bhd,hdg->bhg', q_raw, np.asarray(block_gate.q_proj[...]))
+  gq = _rope(gq[:, None], pos[:, None], base)[:, 0]
+  logits = np.einsum('bhg,bkhg->bhk', gq, np.repeat(gk, group, axis=2)) / np.sqrt(gq.shape[-1])
+  visible = (np.arange(n_k) * bk < kv_len[:, None])[:, None]
+  return _softmax(logits, visible).reshape(b, -1, group, n_k).mean(2), visible
+
+
+def _hand_selection(p, visible, forced, threshold, top_k):
+  """select_blocks by hand on [B, Hkv, nK] probabilities (no coverage)."""
+  keep = p >= threshold * np.where(visible, p, 0).max(-1, keepdims=True)
+  if top_k:
+    score = np.where(visible & ~forced, p, -1.0)
+    keep &= score >= -np.sort(-score, axis=-1)[..., top_k - 1:top_k]   # the top_k best
+  return (keep | forced) & visible
+
+
+@pytest.mark.parametrize('rule', [dict(top_k=1), dict(threshold=0.9)])
+def test_pruned_decode_step_equals_attention_over_the_selected_blocks(dense, rule):
+  config = sparse_config(decode=True, **rule)
+  model = with_dense_params(config, dense)
+  b = long_batch(config)
+  prefix_len = np.array([40, 25, 30], np.int32)    # 4-5 visible key blocks of 12 per row
+  _, caches = decode_steps(model, b['image'], b['text'], prefix_len, steps=3)
+  attn = model.decoder.blocks[0].attn
+  prefix = model.num_image_tokens + prefix_len
+  pos = prefix + 3
+  mask = ops.attention.MaskSpec(q_offset=pos, kv_len=pos + 1, prefix_len=prefix, causal=True)
+  x = jax.random.normal(jax.random.key(5), (3, 1, config.model.lm.width))
+  out, cache = attn(x, pos[:, None], mask, caches[0])
+
+  # The step by hand: its key and value written into the cache, the keys un-rotated
+  # for the gate, its selection rule, softmax attention over the kept blocks only.
+  rows, base = np.arange(3), attn.rope_base
+  as64 = lambda a: np.asarray(a, np.float64)
+  q_raw, k_new, v_new = (as64(f(x))[:, 0] for f in (attn.q, attn.k, attn.v))
+  k_rot, v_all = as64(caches[0]['k']), as64(caches[0]['v'])
+  k_rot[rows, pos] = _rope(k_new[:, None], pos[:, None], base)[:, 0]
+  v_all[rows, pos] = v_new
+  s = k_rot.shape[1]
+  k_pre = _rope(k_rot, -np.broadcast_to(np.arange(s), (3, s)), base)
+  g = attn.block_gate
+  probs, visible = _gate_probs(g, q_raw, k_pre, pos, pos + 1)
+  bk, n_k = g.block_sizes.block_k, probs.shape[-1]
+  blocks = np.arange(n_k)
+  forced = ((blocks == 0) | (blocks == (pos // bk)[:, None]))[:, None]
+  keep = _hand_selection(probs, visible, forced, g.threshold, g.top_k)   # [B, Hkv, nK]
+  np.testing.assert_array_equal(g.select_decode(attn.q(x), cache, mask)[:, :, 0], keep)
+  assert (keep.sum(-1) < visible.sum(-1)).any(), 'the rule pruned nothing'
+
+  def attention(blocks_kept):
+    q = _rope(q_raw[:, None], pos[:, None], base)[:, 0]
+    keys = np.repeat(np.repeat(blocks_kept, bk, -1), g.group, 1)            # [B, Hq, S]
+    keys &= (np.arange(s) < (pos + 1)[:, None])[:, None]
+    logits = np.einsum('bhd,bshd->bhs', q, np.repeat(k_rot, g.group, 2)) / np.sqrt(q.shape[-1])
+    o = np.einsum('bhs,bshd->bhd', _softmax(logits, keys), np.repeat(v_all, g.group, 2))
+    return np.asarray(attn.o(jnp.asarray(o[:, None], jnp.float32)))
+
+  np.testing.assert_allclose(cache['k'], k_rot, atol=1e-6)
+  np.testing.assert_allclose(out, attention(keep), atol=2e-5)
+  assert np.abs(out - attention(np.broadcast_to(visible, keep.shape))).max() > 1e-4
+
+
+def test_cache_key_statistics_are_the_pooled_keys_of_the_whole_sequence(dense):
+  config = sparse_config(decode=True)  # keeps every block: decoding equals the forward
+  model = with_dense_params(config, dense)
+  _make_context_matter(model)
+  b = long_batch(config)
+  steps, n = 7, model.num_image_tokens
+  prefix_len = np.array([6, 25, 13], np.int32)   # decoding crosses block boundaries
+  logits, caches = decode_steps(model, b['image'], b['text'], prefix_len, steps=steps)
+
+  # The whole sequence (the prompt, then the decoded tokens) in one forward pass,
+  # capturing each layer's pre-rotary keys.
+  text = np.zeros((3, b['text'].shape[1] + steps), np.int32)
+  text[:, :b['text'].shape[1]] = b['text']
+  text[np.arange(3)[:, None], prefix_len[:, None] + np.arange(steps)] = \
+      np.asarray(jnp.argmax(logits[:steps], -1)).T
+  run = lambda m: m(b['image'], text, prefix_len, prefix_len + steps)
+  _, captured = nnx.capture(run, nnx.Intermediate, method_outputs=nnx.Intermediate)(model)
+  captured = dict(nnx.to_flat_state(captured))
+  kv_len, bk = n + prefix_len + steps, config.model.sparse.block_k
+  for i, cache in enumerate(caches):
+    k_raw = captured[('decoder', 'blocks', i, 'attn', 'k', '__call__')].get_value()[0]
+    k_raw = jnp.pad(k_raw, ((0, 0), (0, cache['k'].shape[1] - k_raw.shape[1]), (0, 0), (0, 0)))
+    np.testing.assert_allclose(sg.pooled_key_stats(cache, kv_len, bk),
+                               sg.pool_keys(k_raw, bk, kv_len), atol=1e-5, err_msg=f'layer {i}')
+
+
+def test_cache_layout_and_the_decode_flag_is_checked():
+  model = build(sparse_config(decode=True))
+  cache = models.init_cache(model, 2, 30)                 # rounds up to 3 blocks of 12
+  hkv, d = model.decoder.blocks[0].attn.k.out_shape
+  assert cache[0]['k'].shape == (2, 36, hkv, d)
+  for name in sg.KEY_STATS:
+    assert cache[0][name].shape == (2, 3, hkv, d) and cache[0][name].dtype == jnp.float32
+  off = tiny_config()
+  off.model.sparse.decode = True                          # no gate: ignored, dense decode
+  assert all(set(c) == {'k', 'v'} and c['k'].shape[1] == 30
+             for c in models.init_cache(build(off), 2, 30))
+  with pytest.raises(TypeError, match="field 'decode'"):   # the config's own type check
+    sparse_config(decode='yes')
+  with pytest.raises(ValueError, match='config.model.sparse.decode=None must be True or False'):
+    build(sparse_config(decode=None))                     # what the type check lets through
+  # Kernels with no decode version decode through 'auto'.
+  assert [ops.sparse_attention.decode_implementation(k)
+          for k in ('mosaic', 'tpu', 'triton', 'reference', 'auto')] == \
+      ['auto', 'auto', 'triton', 'reference', 'auto']

@@ -48,6 +48,29 @@ def test_pool_keys_max_min_mean_over_real_keys():
   np.testing.assert_allclose(got[1, 2], pooled(k[1, 8:12]), rtol=1e-5)
 
 
+def test_key_stats_folded_in_chunks_pool_like_pool_keys():
+  """A prefill with padding (kv_len 5 of 7), then steps of 1 and 3 tokens that
+  straddle block boundaries: the running statistics pool as the whole keys do."""
+  k = np.random.default_rng(2).normal(size=(2, 16, 2, 3)).astype(np.float32)
+  stats = sg.empty_key_stats(2, 4, 2, 3)
+  for start, size, kv_len in [(0, 7, [5, 7]), (5, 1, [6, 8]), (6, 3, [9, 11])]:
+    start = np.array([start, kv_len[1] - size])                # rows at their own positions
+    positions = start[:, None] + np.arange(size)
+    chunk = np.take_along_axis(k, positions[:, :, None, None], axis=1)
+    stats = sg.fold_key_stats(stats, chunk, positions, np.array(kv_len), 4)
+  kv_len = np.array([9, 11])
+  np.testing.assert_allclose(sg.pooled_key_stats(stats, kv_len, 4), sg.pool_keys(k, 4, kv_len),
+                             rtol=1e-6)
+
+
+def test_forced_decode_blocks_are_the_first_and_the_new_tokens_blocks():
+  got = np.asarray(sg.forced_decode_blocks(np.array([0, 5, 7, 15]), 2, 5, 4))[:, 0, 0]
+  np.testing.assert_array_equal(got, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                      [1, 0, 0, 1, 1]])
+  assert sg.decode_table_width(5, 2, 4, top_k=1) == 1 + got.sum(-1).max()
+  assert sg.decode_table_width(5, 1, 4, top_k=0) == 5
+
+
 @pytest.mark.parametrize('causal', [True, False])
 def test_visible_tiles_match_the_element_mask(causal):
   mask = _mask([30, 19, 7], [5, 12, 3], causal)
