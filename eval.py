@@ -46,14 +46,14 @@ def main(argv):
   model, step, _ = train_state.restore_model(config, _CHECKPOINT.value or _WORKDIR.value, mesh)
   tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer)
   put = lambda batch: sharding.global_batch(batch, mesh)
-  settings = [parse_rule(s) for s in _SWEEP.value] or [None]
+  settings = [gate.parse_rule(s, flag='--sweep') for s in _SWEEP.value] or [None]
   if settings != [None] and not gate.gates(model):
     raise ValueError('--sweep needs a model with a sparse gate (config.model.sparse.enabled)')
   for rule in settings:
     out_dir = f'{_WORKDIR.value}/eval'
     if rule is not None:
       gate.set_selection(model, **rule)
-      out_dir += '/' + '_'.join(f'{k}{v}' for k, v in rule.items())
+      out_dir += '/' + gate.rule_name(rule)
     with sharding.activate(mesh, config.logical_axis_rules):
       results = runner.evaluate(model, config, tokenizer, noise=noise, put=put)
     results['step'] = step
@@ -61,17 +61,6 @@ def main(argv):
     title = f'Eval at step {step}' + (f', noise {noise}' if noise else '')
     print(runner.results_markdown(results, title + (f', {rule}' if rule else '')))
     logging.info('Wrote %s', path)
-
-
-def parse_rule(text):
-  """"threshold=0,coverage=0.9" -> {'threshold': 0.0, 'coverage': 0.9}."""
-  rule = {}
-  for item in text.split(','):
-    key, sep, value = item.partition('=')
-    if not sep or key not in gate.SELECTION_KEYS:
-      raise ValueError(f'--sweep item {item!r} must be KEY=VALUE with KEY in {gate.SELECTION_KEYS}')
-    rule[key] = int(value) if key == 'top_k' else float(value)
-  return rule
 
 
 if __name__ == '__main__':

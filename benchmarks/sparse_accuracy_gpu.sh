@@ -4,15 +4,15 @@
 #   gate       fine-tune the gate alone on it (LM frozen), one gate per TARGETS entry;
 #   sweep      score each gate under every selection rule in RULES (eval only);
 #   joint      train the whole model through the sparse kernels, from the first
-#              target's gate, under the rule picked by sparsity alone (the densest
-#              rule of the sweep that still reaches MIN_SPARSITY);
+#              target's gate, under JOINT_RULE if set (one of RULES), else the rule
+#              picked by sparsity alone (the densest swept rule reaching MIN_SPARSITY);
 #   dense_ft   the dense model trained as many further steps at the same rate: the
 #              fair baseline for the joint model;
 #   report     per-task table (joint vs dense_ft), sparsity/accuracy curves.
 # Usage: bash benchmarks/sparse_accuracy_gpu.sh OUT CONFIG DENSE_STEPS [flags for every run]
 #   e.g. bash benchmarks/sparse_accuracy_gpu.sh $OUT configs/flash.py:small 1500 \
 #          --config.data.image_size=128 --config.data.eval_examples=500
-# Env: TARGETS, RULES (eval.py --sweep settings), MIN_SPARSITY, GATE_STEPS, JOINT_STEPS,
+# Env: TARGETS, RULES (eval.py --sweep settings), MIN_SPARSITY, JOINT_RULE, GATE_STEPS, JOINT_STEPS,
 # NUM_WORKERS (defaults below). Writes OUT/DONE when it ends, well or not (benchmarks/device_poll.sh waits for it).
 set -euo pipefail
 out=$1 config=$2 dense_steps=$3
@@ -53,7 +53,11 @@ train "$out/gate_$first" "$config,sparse" --config.train.init_from="$out/dense" 
 evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
   $(sweep_flags) "$@"
 
-pick=$(python benchmarks/sparse_report.py pick "${MIN_SPARSITY:-0.6}" "$out/gate_$first/eval")
+if [ -n "${JOINT_RULE:-}" ]; then   # one of RULES, e.g. threshold=0,coverage=0.5
+  pick=$(python benchmarks/sparse_report.py name "$JOINT_RULE")
+else
+  pick=$(python benchmarks/sparse_report.py pick "${MIN_SPARSITY:-0.6}" "$out/gate_$first/eval")
+fi
 phase "joint ($pick)"
 rule_flags=$(python benchmarks/sparse_report.py flags "$out/gate_$first/eval/$pick/results.json")
 train "$out/joint" "$config,sparse,joint" --config.train.init_from="$out/gate_$first" \

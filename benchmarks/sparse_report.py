@@ -6,6 +6,8 @@
       sparsity alone, never on accuracy
   python benchmarks/sparse_report.py flags RESULTS.json
       the --config.model.sparse.* flags of the rule a result was scored with
+  python benchmarks/sparse_report.py name RULE
+      the sweep directory eval.py --sweep=RULE writes under
   python benchmarks/sparse_report.py report OUT_STEM --dense D.json --sparse S.json \
       [--curve LABEL=EVAL_DIR ...] [--reference LABEL=R.json ...]
 
@@ -21,6 +23,9 @@ import argparse
 import glob
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load(path):
@@ -156,6 +161,8 @@ def main():
   p.add_argument('eval_dir')
   p = sub.add_parser('flags')
   p.add_argument('results')
+  p = sub.add_parser('name')
+  p.add_argument('rule')
   p = sub.add_parser('report')
   p.add_argument('stem')
   p.add_argument('--dense', required=True)
@@ -167,6 +174,9 @@ def main():
     print(pick(args.min_sparsity, args.eval_dir))
   elif args.command == 'flags':
     print(flags(args.results))
+  elif args.command == 'name':
+    from flashmm_jax.models import gate  # pylint: disable=g-import-not-at-top
+    print(gate.rule_name(gate.parse_rule(args.rule)))
   else:
     report(args.stem, args.dense, args.sparse, args.curve, args.reference)
 

@@ -214,6 +214,23 @@ def set_selection(model, **rule):
                                         float(merged['coverage']))
 
 
+def parse_rule(text, flag='rule'):
+  """"threshold=0,coverage=0.9" -> {'threshold': 0.0, 'coverage': 0.9}."""
+  rule = {}
+  for item in text.split(','):
+    key, sep, value = item.partition('=')
+    if not sep or key not in SELECTION_KEYS:
+      raise ValueError(f'{flag} item {item!r} must be KEY=VALUE with KEY in {SELECTION_KEYS}')
+    rule[key] = int(value) if key == 'top_k' else float(value)
+  return rule
+
+
+def rule_name(rule):
+  """A parsed rule as a directory name: {'threshold': 0.0, 'coverage': 0.9} ->
+  'threshold0.0_coverage0.9' (what eval.py --sweep writes under)."""
+  return '_'.join(f'{k}{v}' for k, v in rule.items())
+
+
 def selection_rule(model):
   """The first gate's selection rule as a dict ({} for a dense model)."""
   found = gates(model)
