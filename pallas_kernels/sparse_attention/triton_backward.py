@@ -107,20 +107,12 @@ def backward(q, k, v, tables, kv_len, prefix_len, out, lse, d_out, d_lse, st):
 
 def _dq(q, k, v, d_out, lse, delta, tables, lens, st):
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  group = hq // hkv
   bq, bk = st.block_sizes.block_q, st.block_sizes.block_k
   kv_ids = tc.pad_ids(tables.kv_ids)
-  q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, h, i: (bi, i, h, 0))
-  kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, i: (bi, 0, h // group, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda bi, h, i: (bi, h, i))
-  in_specs = [
-      q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-      pl.BlockSpec((None, None, None, kv_ids.shape[-1]),
-                   lambda bi, h, i: (bi, h // group, i, 0)),
-      pl.BlockSpec((None, None, None), lambda bi, h, i: (bi, h // group, i)),
-      tc.batch_scalar_spec(), tc.batch_scalar_spec(),
-  ]
+  q_spec, kv_spec, ids_spec, count_spec, row_spec = tc.query_tile_specs(
+      q, k, bq, kv_ids.shape[-1])
+  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, ids_spec, count_spec,
+              tc.batch_scalar_spec(), tc.batch_scalar_spec()]
   kernel = functools.partial(_dq_kernel, sm_scale=st.sm_scale, block_q=bq,
                              block_k=bk)
   return pl.pallas_call(

@@ -49,6 +49,20 @@ def compiler_params(head_dim, num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def query_tile_specs(q, k, block_q, ids_width):
+  """BlockSpecs of the grid (B, Hq, T / block_q), one query tile per program,
+  shared by the forward and dq kernels: (its q tile [bq, D], its kv head's
+  K/V [S, D], its kv_ids row [ids_width], its kv_count, its rows [bq] of a
+  [B, Hq, T] array such as the lse)."""
+  d, s = q.shape[3], k.shape[1]
+  group = q.shape[2] // k.shape[2]
+  return (pl.BlockSpec((None, block_q, None, d), lambda bi, h, i: (bi, i, h, 0)),
+          pl.BlockSpec((None, s, None, d), lambda bi, h, i: (bi, 0, h // group, 0)),
+          pl.BlockSpec((None, None, None, ids_width), lambda bi, h, i: (bi, h // group, i, 0)),
+          pl.BlockSpec((None, None, None), lambda bi, h, i: (bi, h // group, i)),
+          pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i)))
+
+
 def batch_scalar_spec():
   """BlockSpec of a [B] vector (kv_len, prefix_len, ...) read as one scalar per
   program; grid axis 0 is the batch in every kernel here."""
