@@ -34,6 +34,7 @@ _NOISE = flags.DEFINE_string('noise', None, 'Corruption NAME:SEVERITY, e.g. gaus
 _SWEEP = flags.DEFINE_multi_string(
     'sweep', [], 'A sparse selection rule to score instead of the config\'s, e.g. '
     '"threshold=0,coverage=0.9"; repeat the flag for more settings.')
+_OUT = flags.DEFINE_string('out', None, 'Results directory; default WORKDIR/eval.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -50,7 +51,7 @@ def main(argv):
   if settings != [None] and not gate.gates(model):
     raise ValueError('--sweep needs a model with a sparse gate (config.model.sparse.enabled)')
   for rule in settings:
-    out_dir = f'{_WORKDIR.value}/eval'
+    out_dir = _OUT.value or f'{_WORKDIR.value}/eval'
     if rule is not None:
       gate.set_selection(model, **rule)
       out_dir += '/' + gate.rule_name(rule)

@@ -13,7 +13,8 @@
 #   e.g. bash benchmarks/sparse_accuracy_gpu.sh $OUT configs/flash.py:small 1500 \
 #          --config.data.image_size=128 --config.data.eval_examples=500
 # Env: TARGETS, RULES (eval.py --sweep settings), MIN_SPARSITY, JOINT_RULE, GATE_STEPS, JOINT_STEPS,
-# NUM_WORKERS (defaults below). Writes OUT/DONE when it ends, well or not (benchmarks/device_poll.sh waits for it).
+# NUM_WORKERS (defaults below); SPARSE_DECODE=1 also scores the joint model with sparse
+# decode steps (model.sparse.decode) under its rule, a reference row in the report. Writes OUT/DONE when it ends, well or not (benchmarks/device_poll.sh waits for it).
 set -euo pipefail
 out=$1 config=$2 dense_steps=$3
 shift 3
@@ -33,11 +34,11 @@ train() {  # DIR CONFIG [flags]: trains, keeps the log beside DIR, prints its la
   grep -E "step|Stopping" "$dir.train.log" | tail -n 2 || true
 }
 evaluate() {  # DIR CONFIG [flags]: the latest checkpoint in DIR, results in DIR/eval
-  local dir=$1 cfg=$2
+  local dir=$1 cfg=$2 log=${EVAL_LOG:-$1.eval.log}
   shift 2
-  python eval.py --config="$cfg" --workdir="$dir" "$@" 2>&1 | grep -v "^W" > "$dir.eval.log" \
-    || { tail -n 30 "$dir.eval.log"; return 1; }
-  grep -E "^\| \*\*mean|^## " "$dir.eval.log" || true
+  python eval.py --config="$cfg" --workdir="$dir" "$@" 2>&1 | grep -v "^W" > "$log" \
+    || { tail -n 30 "$log"; return 1; }
+  grep -E "^\| \*\*mean|^## " "$log" || true
 }
 sweep_flags() { for r in "${rules[@]}"; do echo "--sweep=$r"; done; }
 
@@ -64,6 +65,12 @@ train "$out/joint" "$config,sparse,joint" --config.train.init_from="$out/gate_$f
   --config.model.sparse.target="$first" --config.train.total_steps="$joint_steps" $rule_flags "$@"
 evaluate "$out/joint" "$config,sparse,joint" --config.model.sparse.target="$first" \
   $(sweep_flags) "$@"
+if [ -n "${SPARSE_DECODE:-}" ]; then   # optional: a failure here leaves the rest running
+  phase "joint, sparse decode steps"
+  EVAL_LOG="$out/joint.decode.eval.log" evaluate "$out/joint" "$config,sparse,joint" \
+    --config.model.sparse.target="$first" $rule_flags --config.model.sparse.decode=True \
+    --out="$out/joint/eval_sparse_decode" "$@" || echo "sparse-decode eval failed"
+fi
 
 phase dense_ft
 train "$out/dense_ft" "$config,joint" --config.model.sparse.enabled=False \
@@ -74,6 +81,7 @@ report() {
   python benchmarks/sparse_report.py report "$out/sparse_accuracy" \
     --dense "$out/dense_ft/eval/results.json" --sparse "$out/joint/eval/$pick/results.json" \
     --curve "joint=$out/joint/eval" --reference "dense_${dense_steps}_steps=$out/dense/eval/results.json" \
+    $(d=$out/joint/eval_sparse_decode/results.json; [ -e "$d" ] && echo "--reference=joint_sparse_decode=$d") \
     $(for t in "${targets[@]}"; do [ -d "$out/gate_$t/eval" ] && echo "--curve=gate_$t=$out/gate_$t/eval"; done)
 }
 report

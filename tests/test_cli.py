@@ -51,12 +51,12 @@ def test_eval_prints_and_writes_the_12_task_table(trained_workdir):
   assert '| vqa_count |' in r.stdout
 
 
-def test_eval_under_noise_writes_its_own_file(trained_workdir):
+def test_eval_under_noise_writes_its_own_file_where_out_says(trained_workdir, tmp_path):
   workdir, _ = trained_workdir
   r = run('eval.py', *TINY, f'--workdir={workdir}', '--noise=gaussian:3',
-          '--config.data.tasks=("vqa_color","ct_lesion")')
+          '--config.data.tasks=("vqa_color","ct_lesion")', f'--out={tmp_path}/noisy')
   assert r.returncode == 0, r.stderr[-3000:]
-  results = json.loads((workdir / 'eval' / 'results_gaussian_3.json').read_text())
+  results = json.loads((tmp_path / 'noisy' / 'results_gaussian_3.json').read_text())
   assert results['noise'] == 'gaussian:3' and len(results['tasks']) == 2
 
 
