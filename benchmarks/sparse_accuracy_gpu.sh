@@ -30,7 +30,7 @@ train() {  # DIR CONFIG [flags]: trains, keeps the log beside DIR, prints its la
   local dir=$1 cfg=$2
   shift 2
   python train.py --config="$cfg" --workdir="$dir" $workers --alsologtostderr "$@" 2>&1 \
-    | grep -v "^W" > "$dir.train.log" || { tail -n 30 "$dir.train.log"; return 1; }
+    | grep --line-buffered -v "^W" > "$dir.train.log" || { tail -n 30 "$dir.train.log"; return 1; }
   grep -E "step|Stopping" "$dir.train.log" | tail -n 2 || true
 }
 evaluate() {  # DIR CONFIG [flags]: the latest checkpoint in DIR, results in DIR/eval
