@@ -9,7 +9,7 @@
   python benchmarks/sparse_report.py name RULE
       the sweep directory eval.py --sweep=RULE writes under
   python benchmarks/sparse_report.py report OUT_STEM --dense D.json --sparse S.json \
-      [--curve LABEL=EVAL_DIR ...] [--reference LABEL=R.json ...]
+      [--curve LABEL=EVAL_DIR ...] [--reference LABEL=R.json ...] [--dense_label L]
 
 `report` writes OUT_STEM.json and OUT_STEM.md: accuracy of the dense and the
 sparse model per task, the difference in points, the sparse run's block
@@ -102,7 +102,7 @@ def curve_points(curves):
   return points
 
 
-def plot(points, references, dense, stem):
+def plot(points, references, dense, stem, dense_label):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -113,8 +113,8 @@ def plot(points, references, dense, stem):
     for _, name, x, y in pts:
       ax.annotate(name.replace('threshold', 'thr').replace('coverage', 'cov'), (x, y),
                   fontsize=6, xytext=(3, 3), textcoords='offset points')
-  ax.axhline(100 * dense['mean'], color='k', lw=0.8, label='dense baseline')
-  ax.axhline(100 * dense['mean'] - 0.5, color='r', lw=0.8, ls=':', label='baseline - 0.5 pt')
+  ax.axhline(100 * dense['mean'], color='k', lw=0.8, label=dense_label)
+  ax.axhline(100 * dense['mean'] - 0.5, color='r', lw=0.8, ls=':', label='-0.5 pt')
   for (label, r), ls in zip(references, ('--', '-.', ':')):
     ax.axhline(100 * r['mean'], color='gray', lw=0.8, ls=ls, label=label)
   ax.axvline(60, color='gray', lw=0.5)
@@ -125,7 +125,7 @@ def plot(points, references, dense, stem):
   fig.savefig(stem + '.png', dpi=130)
 
 
-def report(stem, dense_path, sparse_path, curves, references):
+def report(stem, dense_path, sparse_path, curves, references, dense_label='dense baseline'):
   dense, sparse = load(dense_path), load(sparse_path)
   out = compare(dense, sparse)
   table = markdown(out)
@@ -134,7 +134,7 @@ def report(stem, dense_path, sparse_path, curves, references):
   table += ''.join(f'\n{label}: mean {100 * r["mean"]:.1f}\n' for label, r in refs)
   if curves:
     points = curve_points(curves)
-    plot(points, refs, dense, stem)
+    plot(points, refs, dense, stem, dense_label)
     out['curves'] = [dict(model=l, setting=n, sparsity=x, mean=y) for l, n, x, y in points]
     table += ('\n| model | selection | block sparsity % | mean accuracy % |\n'
               '| --- | --- | --- | --- |\n'
@@ -169,6 +169,7 @@ def main():
   p.add_argument('--sparse', required=True)
   p.add_argument('--curve', type=labelled, action='append', default=[])
   p.add_argument('--reference', type=labelled, action='append', default=[])
+  p.add_argument('--dense_label', default='dense baseline', help='its line in the plot')
   args = parser.parse_args()
   if args.command == 'pick':
     print(pick(args.min_sparsity, args.eval_dir))
@@ -178,7 +179,7 @@ def main():
     from flashmm_jax.models import gate  # pylint: disable=g-import-not-at-top
     print(gate.rule_name(gate.parse_rule(args.rule)))
   else:
-    report(args.stem, args.dense, args.sparse, args.curve, args.reference)
+    report(args.stem, args.dense, args.sparse, args.curve, args.reference, args.dense_label)
 
 
 if __name__ == '__main__':

@@ -101,19 +101,38 @@ def with_q_tables(tables: BlockTables, n_k: int) -> BlockTables:
   return tables._replace(q_ids=q_ids, q_count=q_count)
 
 
-def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int
-                       ) -> tuple[jax.Array, jax.Array]:
+SELECT_METHODS = ('top_k', 'rank')
+
+
+def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
+                       method: str = 'top_k') -> tuple[jax.Array, jax.Array]:
   """kv tables straight from block scores `[..., nK]`, no block mask.
 
   Keeps per row the `budget[...]` highest-scoring blocks (at most the static
   `max_k`); a score of -inf is never kept, +inf always (forced blocks sort
   first). Returns (ids [..., max_k] ascending and padded as compact_rows
-  does, count [...]). One top_k and a sort of max_k entries: cheaper on a GPU
-  than ranking all nK blocks, which is what the gate's inference path wants.
+  does, count [...]).
+
+  method (both give identical tables; which is faster depends on the device):
+    'top_k': one lax.top_k of max_k entries, then a sort of max_k entries.
+    'rank':  no sort. Each block's rank in its row by pairwise comparison
+      ([..., nK, nK] compares that XLA fuses into a reduction), then each
+      kept block's slot and the ascending ids as two more such reductions
+      ([..., nK, nK], [..., max_k, nK]); see _tables_by_rank. XLA:GPU fuses
+      the compares into the reductions (nothing of size nK^2 stored, 5
+      kernels for the tables); XLA:CPU stores them (its tree rewrite of
+      reductions over more than 32 entries), so prefer 'top_k' on a CPU.
+  Ties go to the lower index and floats are ordered as lax.top_k orders them
+  (total order: -0 < +0, NaN past +-inf by sign; a NaN is never kept but, as
+  in top_k, may take a place in the budget).
   """
   n_k = scores.shape[-1]
   if not 1 <= max_k <= n_k:
     raise ValueError(f"{max_k=} must be in [1, {n_k=}]")
+  if method == 'rank':
+    return _tables_by_rank(scores, budget, max_k)
+  if method != 'top_k':
+    raise ValueError(f"{method=} must be one of {SELECT_METHODS}")
   vals, idx = jax.lax.top_k(scores, max_k)
   keep = (jnp.arange(max_k) < budget[..., None]) & (vals > -jnp.inf)
   count = keep.sum(axis=-1, dtype=jnp.int32)
@@ -121,6 +140,52 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int
   ids = jnp.sort(jnp.where(keep, idx, n_k), axis=-1).astype(jnp.int32)
   last = jnp.take_along_axis(ids, jnp.maximum(count - 1, 0)[..., None], axis=-1)
   ids = jnp.where(keep.any(-1, keepdims=True), jnp.minimum(ids, last), 0)
+  return ids, count
+
+
+def _order_key(scores: jax.Array) -> jax.Array:
+  """An integer key ordered as lax.top_k orders `scores` (floats: the IEEE
+  total order, -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN)."""
+  if not jnp.issubdtype(scores.dtype, jnp.floating):
+    return scores
+  wide, as_int = ((jnp.float64, jnp.int64) if scores.dtype == jnp.float64
+                  else (jnp.float32, jnp.int32))
+  bits = jax.lax.bitcast_convert_type(scores.astype(wide), as_int)
+  # Negative floats: flip the magnitude bits so a larger magnitude is smaller.
+  return bits ^ ((bits >> (8 * bits.dtype.itemsize - 1)) & jnp.iinfo(as_int).max)
+
+
+def _tables_by_rank(scores, budget, max_k):
+  """tables_from_scores(method='rank'): a sort-free top-k in three fused
+  compare-and-reduce passes, each over a broadcast compare that XLA fuses
+  into the reduction (no [.., nK, nK] operand is stored on a GPU):
+
+    rank_i = #{j : s_j beats s_i}  (higher, or equal with j < i: top_k's order)
+    keep_i = rank_i < min(budget, max_k) and s_i > -inf
+    pos_i  = #{kept j < i}         (the slot of a kept block; a cumsum would be
+                                    a reduce-window scan of several kernels)
+    ids[t] = max{i : kept, pos_i <= t}, 0 if none
+
+  The max gives the kept block in slot t, then the last kept id past the
+  count, and 0 for an empty row: compact_rows' padding without the count.
+  """
+  n_k = scores.shape[-1]
+  key = _order_key(scores)
+  idx = jnp.arange(n_k, dtype=jnp.int32)
+  ki, kj = key[..., :, None], key[..., None, :]
+  beats = (kj > ki) | ((kj == ki) & (idx[None, :] < idx[:, None]))
+  rank = beats.sum(axis=-1, dtype=jnp.int32)
+  cap = jnp.minimum(jnp.asarray(budget, jnp.int32), max_k)
+  keep = (rank < cap[..., None]) & (scores > -jnp.inf)
+  count = keep.sum(axis=-1, dtype=jnp.int32)
+  # Written against an index (w_j = j if kept, else past the end) rather than
+  # keep_j & (j < i): a compare of two iotas gets hoisted by XLA:GPU into a
+  # kernel of its own that stores the [nK, nK] mask.
+  kept_at = jnp.where(keep, idx, n_k)
+  pos = (kept_at[..., None, :] < idx[:, None]).sum(axis=-1, dtype=jnp.int32)
+  slot = jnp.where(keep, pos, max_k)                     # max_k: no slot
+  t = jnp.arange(max_k, dtype=jnp.int32)
+  ids = jnp.max(jnp.where(slot[..., None, :] <= t[:, None], idx, 0), axis=-1)
   return ids, count
 
 

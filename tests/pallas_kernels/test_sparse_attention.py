@@ -5,6 +5,7 @@ checked against the independent dense formula. Kernels have their own files
 """
 
 import numpy as np
+import pytest
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from pallas_kernels.sparse_attention import (
     BlockSizes, block_mask_from_tables, build_block_tables,
     reference_sparse_attention)
+from pallas_kernels.sparse_attention import block_tables as bt
 from tests.pallas_kernels.sparse_attention_base import SparseAttentionTestBase
 
 def _random_mask(seed, shape, p=0.5):
@@ -40,6 +42,96 @@ def test_tables_static_width():
   t = build_block_tables(mask, max_k=2)
   np.testing.assert_array_equal(t.kv_ids[0, 0], [[2, 2], [2, 6], [2, 2], [2, 2]])
   np.testing.assert_array_equal(t.kv_count[0, 0], [1, 2, 1, 1])
+
+
+# ------------------------------------------------- tables from scores ----
+
+def _tables_from_scores_numpy(scores, budget, max_k):
+  """Brute force: per row the min(budget, max_k) best (higher score, then lower
+  index), less the -inf ones, ascending; padded with the last id (0 if none)."""
+  scores = np.asarray(scores, np.float64)
+  lead, n = scores.shape[:-1], scores.shape[-1]
+  ids = np.zeros((*lead, max_k), np.int32)
+  count = np.zeros(lead, np.int32)
+  for r in np.ndindex(*lead):
+    s = scores[r]
+    best = sorted(range(n), key=lambda i: (-s[i], i))[:max(0, min(int(budget[r]), max_k))]
+    kept = sorted(i for i in best if s[i] > -np.inf)
+    count[r] = len(kept)
+    ids[r] = (kept + [kept[-1]] * (max_k - len(kept))) if kept else 0
+  return ids, count
+
+
+def _random_scores(rng, shape, *, special=False):
+  """Integer-valued (many ties) with -inf and +inf entries and an all -inf row;
+  special: NaNs of both signs and -0.0 too (orders that only top_k defines)."""
+  s = rng.integers(-3, 4, size=shape).astype(np.float32)
+  u = rng.random(shape)
+  s[u < 0.15] = -np.inf
+  s[u > 0.9] = np.inf
+  s.reshape(-1, shape[-1])[0] = -np.inf
+  if special:
+    s[rng.random(shape) < 0.1] = -0.0
+    s[rng.random(shape) < 0.05] = np.nan
+    s[rng.random(shape) < 0.05] = -np.nan
+  return s
+
+
+def _random_budgets(rng, shape, n_k):
+  b = rng.integers(-1, n_k + 3, size=shape[:-1]).astype(np.int32)
+  b.reshape(-1)[:2] = (0, n_k + 2)[:b.size]            # none, more than there are
+  return b
+
+
+_SCORE_SHAPES = [(3, 1), (2, 3, 5), (3, 33), (2, 2, 4, 64), (8, 128)]
+
+
+@pytest.mark.parametrize('shape', _SCORE_SHAPES, ids=str)
+def test_tables_from_scores_matches_brute_force(shape):
+  rng = np.random.default_rng(sum(shape))
+  n_k = shape[-1]
+  scores = _random_scores(rng, shape)
+  budget = _random_budgets(rng, shape, n_k)
+  for max_k in sorted({1, max(1, n_k // 3), n_k}):
+    want = _tables_from_scores_numpy(scores, budget, max_k)
+    for method in bt.SELECT_METHODS:
+      got = jax.jit(bt.tables_from_scores, static_argnums=(2, 3))(
+          jnp.asarray(scores), jnp.asarray(budget), max_k, method)
+      assert got[0].dtype == got[1].dtype == jnp.int32
+      np.testing.assert_array_equal(got[0], want[0], err_msg=f'{method} ids, {max_k=}')
+      np.testing.assert_array_equal(got[1], want[1], err_msg=f'{method} count, {max_k=}')
+
+
+@pytest.mark.parametrize('shape', _SCORE_SHAPES + [(4, 3, 256)], ids=str)
+def test_tables_from_scores_methods_agree(shape):
+  """rank == top_k exactly, NaN and -0.0 included, f32 and bf16 scores."""
+  rng = np.random.default_rng(1 + sum(shape))
+  n_k = shape[-1]
+  budget = jnp.asarray(_random_budgets(rng, shape, n_k))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    scores = jnp.asarray(_random_scores(rng, shape, special=True), dtype)
+    for max_k in sorted({1, max(1, (n_k * 35) // 100), n_k}):
+      want = bt.tables_from_scores(scores, budget, max_k, method='top_k')
+      got = bt.tables_from_scores(scores, budget, max_k, method='rank')
+      for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w, err_msg=f'{dtype=} {max_k=}')
+
+
+def test_tables_from_scores_cases():
+  inf = np.inf
+  scores = jnp.array([[1., inf, 2., inf, 0.],           # forced blocks first
+                      [-inf, -inf, -inf, -inf, -inf],   # nothing to keep
+                      [3., 3., 3., 3., 3.],             # ties: lower index
+                      [-inf, 5., -inf, 1., -inf],       # budget > candidates
+                      [4., 3., 2., 1., 0.]])            # budget 0
+  budget = jnp.array([1, 3, 2, 5, 0])
+  for method in bt.SELECT_METHODS:
+    ids, count = bt.tables_from_scores(scores, budget, 3, method=method)
+    np.testing.assert_array_equal(count, [1, 0, 2, 2, 0], err_msg=method)
+    np.testing.assert_array_equal(ids, [[1, 1, 1], [0, 0, 0], [0, 1, 1], [1, 3, 3],
+                                        [0, 0, 0]], err_msg=method)
+  with pytest.raises(ValueError, match='method'):
+    bt.tables_from_scores(scores, budget, 3, method='sort')
 
 
 # ------------------------------------------------------------- reference ----
