@@ -37,6 +37,13 @@ from pallas_kernels.sparse_attention import triton  # noqa: E402
 FLAGS = flags.DEFINE_string('out', '/tmp/attention_bench', 'output folder')
 _SEQS = flags.DEFINE_list('seqs', ['2048', '4096', '8192', '16384', '32768'], 'sequence lengths')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.5', '0.65', '0.8'], 'block sparsities')
+_SELECT_METHODS = flags.DEFINE_list(
+    'select_method', ['top_k', 'rank'], 'forward and decode: how the tables are built from the block '
+    'scores (block_tables.tables_from_scores method). The first is used everywhere under '
+    'the usual keys; at 65% every other one is also timed end-to-end and selection alone: '
+    'keys ours_s65_<method>, ours_s65_select_<method>')
+flags.register_validator('select_method', lambda ms: bool(ms) and set(ms) <= set(bt.SELECT_METHODS),
+                         f'--select_method: a list of {bt.SELECT_METHODS}')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'batch x seq')
 _HEADS = flags.DEFINE_integer('heads', 16, 'query heads')
 _KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'key/value heads')
@@ -52,8 +59,11 @@ _BWD_SEQS = flags.DEFINE_list('bwd_seqs', ['4096', '16384'], 'sequence lengths o
 _DECODE = flags.DEFINE_list('decode', ['1x8192', '8x8192', '1x32768', '8x32768'],
                             'decode batch x cache length')
 _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused decode to '
-                                  'time at 65%, splits x Triton stages (e.g. 16x3): keys '
-                                  'ours_fused_s65_<splits>x<stages>')
+                                  'time at 65%, SPLITSxSTAGES[xBLOCKS[xWARPS[xPREFETCH]]] '
+                                  '(decode_config; e.g. 16x3, 4x3x2, 4x2x4x8x2): keys '
+                                  'ours_fused_s65_<spec>')
+_DECODE_TABLES = flags.DEFINE_list('decode_tables', [], 'the same for the table decode '
+                                   '(decode.sparse_decode): keys ours_s65_<spec>')
 
 BQ = mosaic_gpu.TILE_Q
 
@@ -69,17 +79,24 @@ def visible_tiles(seq, block_k, prefix):
   return (k_first[None, :] <= q_last[:, None]) | (k_first[None, :] < prefix)
 
 
-def select_blocks(q, k, keep, visible, block_k):
+def select_blocks(q, k, keep, visible, block_k, method='top_k'):
   """The timed selection stage: pooled block scores, a per-row budget, tables.
 
   Stands in for the gate's inference path (mean-pooled queries against
   max-pooled keys of each kv head; first and diagonal blocks forced) so that
   its cost is inside the timing; the learned projection adds one small matmul.
-  `visible` is a static numpy [nQ, nK] array.
+  `visible` is a static numpy [nQ, nK] array; `method` is tables_from_scores'.
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  qp = q.reshape(b, t // BQ, BQ, hkv, hq // hkv, d).mean(axis=(2, 4))
+  # q is the one big read here (64 MB at 16k tokens): one reduction over each
+  # tile's rows, bf16 in and an f32 accumulator (the convert fuses into it; no
+  # f32 copy of q), then a [B, nQ, Hq, D] sum over each group's heads. Written
+  # as two sums so no backend has to split a reduction over the
+  # non-adjacent (row, head) axes itself.
+  rows = jnp.sum(q.reshape(b, t // BQ, BQ, hq, d), axis=2, dtype=jnp.float32)
+  qp = rows.reshape(b, t // BQ, hkv, hq // hkv, d).sum(axis=3) / (BQ * (hq // hkv))
+  qp = qp.astype(q.dtype)
   kp = k.reshape(b, -1, block_k, hkv, d).max(axis=2)
   scores = jnp.einsum('bqhd,bkhd->bhqk', qp, kp, preferred_element_type=jnp.float32)
   n_q, n_k = visible.shape
@@ -90,7 +107,7 @@ def select_blocks(q, k, keep, visible, block_k):
   scores = jnp.where(forced, jnp.inf, jnp.where(visible, scores, -jnp.inf))
   budget = np.maximum(np.ceil(keep * visible.sum(-1)), forced.sum(-1)).astype(np.int32)
   kv_ids, kv_count = bt.tables_from_scores(
-      scores, jnp.broadcast_to(budget, scores.shape[:-1]), int(budget.max()))
+      scores, jnp.broadcast_to(budget, scores.shape[:-1]), int(budget.max()), method=method)
   return bt.BlockTables(kv_ids, kv_count, None, None)
 
 
@@ -105,12 +122,14 @@ def make_inputs(seq, seed=0):
   return q, k, v
 
 
-def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic'):
-  """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts."""
+def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None):
+  """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts.
+  method: the tables' (default: the first of --select_method)."""
   visible = visible_tiles(seq, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
   config = mosaic_gpu.Config(stages)
-  select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k))
+  method = method or _SELECT_METHODS.value[0]
+  select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k, method))
 
   @jax.jit
   def kernel(q, k, v, tables):
@@ -127,7 +146,7 @@ def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic'):
 
   @jax.jit
   def run(q, k, v):
-    tables = select_blocks(q, k, keep, visible, block_k)
+    tables = select_blocks(q, k, keep, visible, block_k, method)
     return kernel(q, k, v, tables), tables.kv_count
   return run, select, kernel
 
@@ -200,11 +219,15 @@ def check_kernels():
 
 
 def bench_seq(seq, prefix, variant, baselines):
-  """One row: dense baselines (causal only), our kernel dense and sparse."""
+  """One row: dense baselines (causal only), our kernel dense and sparse.
+  The usual keys select with the first --select_method (`select_method`); at
+  65% each other method adds `ours_s65_<m>` (end to end) and
+  `ours_s65_select_<m>`, and `select_agree[m]` says its tables are the same."""
   block_k, stages = variant
   q, k, v = make_inputs(seq)
   b = q.shape[0]
-  res = dict(seq=seq, batch=b, prefix=prefix, block_k=block_k, stages=stages, ms={}, tflops={})
+  res = dict(seq=seq, batch=b, prefix=prefix, block_k=block_k, stages=stages, ms={}, tflops={},
+             select_method=_SELECT_METHODS.value[0], select_agree={})
   if prefix == 0:
     for name, fn in baselines.items():
       try:
@@ -223,6 +246,19 @@ def bench_seq(seq, prefix, variant, baselines):
       res['ms'][name + '_select'] = time_ms(select, q, k)
       res['tflops'][name + '_kernel'] = (res['tflops'][name] * res['ms'][name]
                                          / res['ms'][name + '_kernel'])
+    if sparsity == 0.65:   # the other selection methods, in the same run
+      want = jax.device_get((tables.kv_ids, tables.kv_count))
+      for method in _SELECT_METHODS.value[1:]:
+        run_m, select_m, _ = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages,
+                                       method=method)
+        res['ms'][f'{name}_{method}'] = time_ms(run_m, q, k, v)
+        res['ms'][f'{name}_select_{method}'] = time_ms(select_m, q, k)
+        got = select_m(q, k)
+        res['select_agree'][method] = all(
+            np.array_equal(a, w) for a, w in zip(jax.device_get((got.kv_ids, got.kv_count)), want))
+        if not res['select_agree'][method]:
+          print(f'select_method {method} tables differ from '
+                f'{_SELECT_METHODS.value[0]} at {seq}, prefix {prefix}, block_k {block_k}')
   if block_k == 64 and prefix == 0:   # the portable Triton kernel, same tables
     try:
       run = sparse_fn(0.35, seq, prefix, block_k, stages, impl='triton')[0]
@@ -303,10 +339,28 @@ def head_major_decode_args(q, k, v, pooled, kv_len, offset, *, hkv):
   return q, rows(k), rows(v), rows(pooled), each(kv_len), each(offset)
 
 
+def decode_config(spec):
+  """Decode kernel options of a spec SPLITSxSTAGES[xBLOCKS[xWARPS[xPREFETCH]]]:
+  num_splits (0: the kernel's default), num_stages, blocks_per_step, num_warps
+  (0: the default), prefetch (absent: the kernel's default)."""
+  names = ('num_splits', 'num_stages', 'blocks_per_step', 'num_warps', 'prefetch')
+  fields = [int(f) for f in spec.split('x')]
+  if not 2 <= len(fields) <= len(names):
+    raise ValueError(f'decode spec {spec!r} is not '
+                     'SPLITSxSTAGES[xBLOCKS[xWARPS[xPREFETCH]]]')
+  config = dict(zip(names, fields))
+  if not config.get('num_warps'):
+    config.pop('num_warps', None)
+  return config
+
+
 def bench_decode(batch, cache, block_k=64, new=1):
   """One decode step (new tokens of each GQA group) against a full cache:
   `ours_s*` select through top-k and tables, `ours_fused_s*` inside the kernel
-  (the same number of blocks: block 0, the last one, and the best others)."""
+  (the same number of blocks: block 0, the last one, and the best others).
+  `_kernel`: the kernel alone (tables / scores made outside the timing; its
+  split merge inside). tbps: the K/V bytes a key reads (all of the cache, or
+  the 35% of it at s65) over its time, TB/s."""
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   hq, hkv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
   q = jax.random.normal(keys[0], (batch, new, hq, d), jnp.bfloat16)
@@ -326,23 +380,35 @@ def bench_decode(batch, cache, block_k=64, new=1):
   # 1/block_k of a step's cost), so a step does not re-read every key to select.
   pooled = jax.jit(lambda k: k.reshape(batch, n_k, block_k, hkv, d).max(axis=2))(kc)
 
-  def sparse(budget):
+  def select(budget, method=_SELECT_METHODS.value[0]):
     @jax.jit
-    def run(q, k, v, kp):
-      # Selection inside: the group's mean query against the pooled keys.
+    def run(q, kp):
+      # The group's mean query against the pooled keys; first and last forced.
       scores = decode_scores(q, kp)
       last = jnp.arange(n_k) >= n_k - 1
       scores = jnp.where(last | (jnp.arange(n_k) == 0), jnp.inf, scores)
-      ids, count = bt.tables_from_scores(scores, jnp.full(scores.shape[:-1], budget), budget)
-      return decode.sparse_decode(q, k, v, ids, count, kv_len, kv_len * 0, offset,
-                                  block_k=block_k)
+      return bt.tables_from_scores(scores, jnp.full(scores.shape[:-1], budget), budget,
+                                   method=method)
     return run
+
+  def table_kernel(**config):
+    return jax.jit(lambda q, k, v, ids, count: decode.sparse_decode(
+        q, k, v, ids, count, kv_len, kv_len * 0, offset, block_k=block_k, **config))
+
+  def sparse(budget, method=_SELECT_METHODS.value[0], **config):
+    tables, kernel = select(budget, method), table_kernel(**config)
+    return jax.jit(lambda q, k, v, kp: kernel(q, k, v, *tables(q, kp)))
 
   budget = lambda sparsity: max(2, int(np.ceil((1 - sparsity) * n_k)))  # 2 forced in it
 
   def fused(sparsity, **config):
     return jax.jit(functools.partial(fused_decode_step, budget=budget(sparsity) - 2,
                                      block_k=block_k, **config))
+
+  def fused_kernel(**config):
+    return jax.jit(lambda q, k, v, scores, cutoff: decode.sparse_decode_scored(
+        q, k, v, scores, cutoff, kv_len, kv_len * 0, offset, block_k=block_k,
+        rule='top_k', **config))
   fused_args = (q, kc, vc, pooled, kv_len, offset)
   steps = {}
   for sparsity in (0.0, 0.65):
@@ -350,10 +416,30 @@ def bench_decode(batch, cache, block_k=64, new=1):
     steps[name] = sparse(budget(sparsity)), fused(sparsity)
     res['ms'][f'ours_{name}'] = time_ms(steps[name][0], q, kc, vc, pooled)
     res['ms'][f'ours_fused_{name}'] = time_ms(steps[name][1], *fused_args)
-  for spec in _DECODE_FUSED.value:
-    splits, stages = map(int, spec.split('x'))
-    res['ms'][f'ours_fused_s65_{spec}'] = time_ms(
-        fused(0.65, num_splits=splits, num_stages=stages), *fused_args)
+  def timed(key, fn, *args):
+    try:
+      res['ms'][key] = time_ms(fn, *args)
+    except Exception as e:  # a config that does not compile (shared memory): reported
+      res.setdefault('errors', {})[key] = f'{type(e).__name__}: {str(e)[-300:]}'
+      print(f'{key} failed at {batch}x{cache}: {res["errors"][key]}')
+
+  for method in _SELECT_METHODS.value[1:]:   # the same tables, another way to build them
+    timed(f'ours_s65_{method}', sparse(budget(0.65), method), q, kc, vc, pooled)
+  # The kernels alone at 65%, then each requested config, step and kernel alone.
+  tables = select(budget(0.65))(q, pooled)
+  scores = decode_scores(q, pooled)
+  cutoff = jnp.full(scores.shape[:-1], budget(0.65) - 2, jnp.int32)
+  for suffix, config in [('', {})] + [(f'_{spec}', decode_config(spec))
+                                      for spec in _DECODE_TABLES.value]:
+    if suffix:
+      timed(f'ours_s65{suffix}', sparse(budget(0.65), **config), q, kc, vc, pooled)
+    timed(f'ours_s65{suffix}_kernel', table_kernel(**config), q, kc, vc, *tables)
+  for suffix, config in [('', {})] + [(f'_{spec}', decode_config(spec))
+                                      for spec in _DECODE_FUSED.value]:
+    if suffix:
+      timed(f'ours_fused_s65{suffix}', fused(0.65, **config), *fused_args)
+    timed(f'ours_fused_s65{suffix}_kernel', fused_kernel(**config),
+          q, kc, vc, scores, cutoff)
   # Both read the same blocks (ties go to the lower index in both), so they agree.
   tables_step, fused_step = steps['s65']
   res['fused_vs_tables_rel_err'] = rel_err(fused_step(*fused_args),
@@ -366,13 +452,20 @@ def bench_decode(batch, cache, block_k=64, new=1):
   res['headmajor_vs_tables_rel_err'] = rel_err(
       out_hm.transpose(0, 2, 1, 3, 4).reshape(batch, new, hq, d), tables_step(q, kc, vc, pooled))
   res['best_dense_ms'] = min(res['ms']['cudnn'], res['ms']['xla'])
+  cache_bytes = 2 * kc.size * kc.dtype.itemsize
+  read = lambda n: cache_bytes * (budget(0.65) / n_k if 's65' in n else 1.0)
+  res['tbps'] = {n: read(n) / ms / 1e9 for n, ms in res['ms'].items()}
   print(json.dumps(res))
   return res
 
 
 def check_decode():
   """The Triton decode kernels (block tables; scores with either cutoff rule)
-  vs their references on the GPU; ragged lengths, a prefix, 4 new tokens."""
+  vs their references on the GPU; ragged lengths, a prefix, 4 new tokens. Each
+  runs at its default loop, at 2 and 4 blocks a step with every prefetch
+  depth (4 with 2 stages: 3 would need ~270 KB of shared memory), and at each
+  config of --decode_tables / --decode_fused (one that fails to compile is
+  reported, and its timing fails the same way; a mismatch stops the run)."""
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
   q = jax.random.normal(keys[0], (2, 4, 16, 128), jnp.bfloat16)
   kc = jax.random.normal(keys[1], (2, 4096, 4, 128), jnp.bfloat16)
@@ -381,35 +474,55 @@ def check_decode():
   budgets = jnp.array([[20, 5, 64, 1], [3, 30, 7, 64]])
   lens = (jnp.array([4000, 2500]), jnp.array([100, 0]), jnp.array([3996, 2496]))
   ids, count = bt.tables_from_scores(scores, budgets, 64)
+  loops = [('default', {})] + [
+      (f'n{n}p{p}', dict(blocks_per_step=n, prefetch=p, num_stages=2) if n == 4
+       else dict(blocks_per_step=n, prefetch=p))
+      for n in (2, 4) for p in decode.PREFETCH]
+  specs = lambda flag: [(spec, decode_config(spec)) for spec in flag.value]
   cases = {
       'decode': (decode.sparse_decode, decode.sparse_decode_reference,
-                 (q, kc, vc, ids, count, *lens), {}),
+                 (q, kc, vc, ids, count, *lens), {}, specs(_DECODE_TABLES)),
       'decode_scored_top_k': (decode.sparse_decode_scored,
                               decode.sparse_decode_scored_reference,
-                              (q, kc, vc, scores, budgets, *lens), dict(rule='top_k')),
+                              (q, kc, vc, scores, budgets, *lens), dict(rule='top_k'),
+                              specs(_DECODE_FUSED)),
       'decode_scored_keep_min': (decode.sparse_decode_scored,
                                  decode.sparse_decode_scored_reference,
                                  (q, kc, vc, scores, jnp.full((2, 4), 0.5), *lens),
-                                 dict(rule='keep_min')),
+                                 dict(rule='keep_min'), specs(_DECODE_FUSED)),
   }
   rows = []
-  for case, (kernel, reference_fn, args, kw) in cases.items():
-    err = rel_err(kernel(*args, block_k=64, **kw), reference_fn(*args, block_k=64, **kw))
-    print(f'check triton {case}: rel err {err:.2e}')
-    if not err < 2e-2:
-      raise SystemExit(f'triton {case} mismatch: rel err {err}')
-    rows.append(dict(case=case, rel_err=err))
+  for case, (kernel, reference_fn, args, kw, timed) in cases.items():
+    want = reference_fn(*args, block_k=64, **kw)
+    for loop, config in loops + timed:
+      try:
+        out = np.asarray(kernel(*args, block_k=64, **kw, **config), np.float32)
+      except Exception as e:
+        if (loop, config) in loops:
+          raise
+        print(f'check triton {case} {loop}: failed: {type(e).__name__}: {str(e)[-300:]}')
+        rows.append(dict(case=case, loop=loop, error=f'{type(e).__name__}'))
+        continue
+      err = rel_err(out, want)
+      print(f'check triton {case} {loop}: rel err {err:.2e}')
+      if not err < 2e-2:
+        raise SystemExit(f'triton {case} {loop} mismatch: rel err {err}')
+      rows.append(dict(case=case, loop=loop, rel_err=err))
   return rows
 
 
-def markdown(results, fwdbwd, decodes, env):
+def forward_markdown(results):
   names = sorted({n for r in results for n in r['ms']})
-  lines = [f"# Block-sparse attention, forward ({env['device']}, jax {env['jax']}, {env['date']})",
-           '', f"{_HEADS.value} query heads, {_KV_HEADS.value} kv heads, head dim "
-           f"{_HEAD_DIM.value}, bf16, batch x seq = {_TOKENS.value}; tables {BQ} x block_k. "
+  lines = ['', f'Forward, batch x seq = {_TOKENS.value}; tables {BQ} x block_k. '
            'ms (median), and the ratio to the fastest dense kernel of the run (causal rows: '
            'cuDNN / tokamax; prefix rows: our own dense mode). `_kernel` = tables built '
-           'outside the timing, `_select` = selection and tables alone.', '',
+           'outside the timing, `_select` = selection and tables alone. Tables by '
+           f'`{_SELECT_METHODS.value[0]}` '
+           '(tables_from_scores method) unless a key ends in another method '
+           '(`ours_s65_rank`, `ours_s65_select_rank`: the same tables, built without a sort).'
+           + ''.join(f" Tables DIFFER for {m} at seq {r['seq']}, prefix {r['prefix']}."
+                     for r in results for m, ok in r.get('select_agree', {}).items()
+                     if not ok), '',
            '| seq | prefix | block_k, stages | ' + ' | '.join(names) + ' |',
            '| --- | --- | --- | ' + ' | '.join('---' for _ in names) + ' |']
   for r in results:
@@ -427,20 +540,36 @@ def markdown(results, fwdbwd, decodes, env):
     lines.append(f"| {r['seq']} | {r['prefix']} | {r['block_k']}, {r['stages']} | " +
                  ' | '.join(f"{r['tflops'][n]:.0f}" if n in r['tflops'] else ''
                             for n in tnames) + ' |')
-  for title, rows, key in (('Forward + backward', fwdbwd, 'seq'),
-                           ('Decode, one new token per sequence', decodes, 'batch')):
-    if not rows:
-      continue
-    cols = sorted({n for r in rows for n in r['ms']})
-    head = 'seq | block_k' if key == 'seq' else 'batch | cache'
-    lines += ['', f'{title} (ms, ratio to the fastest dense kernel):', '',
-              f'| {head} | ' + ' | '.join(cols) + ' |',
+  return lines
+
+
+def markdown(results, fwdbwd, decodes, env):
+  lines = [f"# Block-sparse attention ({env['device']}, jax {env['jax']}, {env['date']})", '',
+           f"{_HEADS.value} query heads, {_KV_HEADS.value} kv heads, head dim "
+           f"{_HEAD_DIM.value}, bf16."]
+  if results:
+    lines += forward_markdown(results)
+  if fwdbwd:
+    cols = sorted({n for r in fwdbwd for n in r['ms']})
+    lines += ['', 'Forward + backward (ms, ratio to the fastest dense kernel):', '',
+              '| seq | block_k | ' + ' | '.join(cols) + ' |',
               '| --- | --- | ' + ' | '.join('---' for _ in cols) + ' |']
-    for r in rows:
-      first = (r['seq'], r['block_k']) if key == 'seq' else (r['batch'], r['cache'])
+    for r in fwdbwd:
       cells = [f"{r['ms'][c]:.3f} ({r['ms'][c] / r['best_dense_ms']:.2f}x)"
                if r['ms'].get(c) else '' for c in cols]
-      lines.append(f'| {first[0]} | {first[1]} | ' + ' | '.join(cells) + ' |')
+      lines.append(f"| {r['seq']} | {r['block_k']} | " + ' | '.join(cells) + ' |')
+  if decodes:   # a row per timing, a column per shape: the configs outnumber shapes
+    lines += ['', 'Decode, one new token per sequence: ms (median), ratio to the '
+              'fastest dense kernel, TB/s of K/V read (all of the cache; 35% of it '
+              'for s65). `_kernel`: the kernel alone, selection outside the timing; '
+              'configs SPLITSxSTAGES[xBLOCKS[xWARPS[xPREFETCH]]].', '',
+              '| batch x cache | ' + ' | '.join(f"{r['batch']} x {r['cache']}"
+                                               for r in decodes) + ' |',
+              '| --- |' + ' --- |' * len(decodes)]
+    for n in sorted({n for r in decodes for n in r['ms']}):
+      cells = [f"{r['ms'][n]:.3f} ({r['ms'][n] / r['best_dense_ms']:.2f}x, "
+               f"{r['tbps'][n]:.2f})" if r['ms'].get(n) else '' for r in decodes]
+      lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 

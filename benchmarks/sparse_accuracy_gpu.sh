@@ -18,6 +18,11 @@
 #     whole recipe at 256 px took ~39 minutes on one H100, over a machine's 30-minute hold).
 #   SPARSE_DECODE=1: also scores the joint model with sparse decode steps
 #     (model.sparse.decode) under its rule, a reference row in the report.
+#   STAGES (default "dense dense_ft gate joint"): the stages to run, in that order; a
+#     stage needs the checkpoints of those before it in OUT. Split over two machines
+#     (each held at most 30 minutes): STAGES="dense dense_ft gate" KEEP_CHECKPOINTS=1 on
+#     the first, `ship_params.sh pack OUT/gate_mass ...` and the results archive back,
+#     then STAGES=joint on the second from the unpacked gate and the results (README).
 # Writes OUT/DONE when it ends, well or not (benchmarks/device_poll.sh waits for it).
 set -euo pipefail
 out=$1 config=$2 dense_steps=$3
@@ -54,59 +59,82 @@ dense_ft() {  # [flags]: the fair baseline, from the dense checkpoint
   phase "dense_ft done"
 }
 
+want() { [[ " ${STAGES:-dense dense_ft gate joint} " == *" $1 "* ]]; }
+need() { [ -e "$1" ] || { echo "missing $1: run the stage that writes it first (STAGES)"; exit 1; }; }
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-phase dense
-train "$out/dense" "$config" --config.train.total_steps="$dense_steps" "$@"
-evaluate "$out/dense" "$config" "$@"
-if [ -n "${FT_GPU:-}" ]; then   # two GPUs: dense_ft beside the gate and joint stages
-  CUDA_VISIBLE_DEVICES=$FT_GPU dense_ft "$@" &
-  export CUDA_VISIBLE_DEVICES=${MAIN_GPU:-0}
+if want dense; then
+  phase dense
+  train "$out/dense" "$config" --config.train.total_steps="$dense_steps" "$@"
+  evaluate "$out/dense" "$config" "$@"
+fi
+if want dense_ft; then
+  need "$out/dense/checkpoints"
+  if [ -n "${FT_GPU:-}" ]; then   # two GPUs: dense_ft beside the gate and joint stages
+    CUDA_VISIBLE_DEVICES=$FT_GPU dense_ft "$@" &
+    export CUDA_VISIBLE_DEVICES=${MAIN_GPU:-0}
+  else
+    dense_ft "$@"
+  fi
 fi
 
 first=${targets[0]}
-phase "gate $first"
-train "$out/gate_$first" "$config,sparse" --config.train.init_from="$out/dense" \
-  --config.model.sparse.target="$first" --config.train.total_steps="$gate_steps" "$@"
-evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
-  $(sweep_flags) "$@"
-
-if [ -n "${JOINT_RULE:-}" ]; then   # one of RULES, e.g. threshold=0,coverage=0.5
-  pick=$(python benchmarks/sparse_report.py name "$JOINT_RULE")
-else
-  pick=$(python benchmarks/sparse_report.py pick "${MIN_SPARSITY:-0.6}" "$out/gate_$first/eval")
-fi
-phase "joint ($pick)"
-rule_flags=$(python benchmarks/sparse_report.py flags "$out/gate_$first/eval/$pick/results.json")
-train "$out/joint" "$config,sparse,joint" --config.train.init_from="$out/gate_$first" \
-  --config.model.sparse.target="$first" --config.train.total_steps="$joint_steps" $rule_flags "$@"
-evaluate "$out/joint" "$config,sparse,joint" --config.model.sparse.target="$first" \
-  $(sweep_flags) "$@"
-if [ -n "${SPARSE_DECODE:-}" ]; then   # optional: a failure here leaves the rest running
-  phase "joint, sparse decode steps"
-  EVAL_LOG="$out/joint.decode.eval.log" evaluate "$out/joint" "$config,sparse,joint" \
-    --config.model.sparse.target="$first" $rule_flags --config.model.sparse.decode=True \
-    --out="$out/joint/eval_sparse_decode" "$@" || echo "sparse-decode eval failed"
+if want gate; then
+  need "$out/dense/checkpoints"
+  phase "gate $first"
+  train "$out/gate_$first" "$config,sparse" --config.train.init_from="$out/dense" \
+    --config.model.sparse.target="$first" --config.train.total_steps="$gate_steps" "$@"
+  evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
+    $(sweep_flags) "$@"
 fi
 
-[ -z "${FT_GPU:-}" ] && dense_ft "$@"
+if want joint; then
+  need "$out/gate_$first/checkpoints"
+  if [ -n "${JOINT_RULE:-}" ]; then   # one of RULES, e.g. threshold=0,coverage=0.5
+    pick=$(python benchmarks/sparse_report.py name "$JOINT_RULE")
+  else
+    pick=$(python benchmarks/sparse_report.py pick "${MIN_SPARSITY:-0.6}" "$out/gate_$first/eval")
+  fi
+  echo "$pick" > "$out/joint_rule"
+  phase "joint ($pick)"
+  rule_flags=$(python benchmarks/sparse_report.py flags "$out/gate_$first/eval/$pick/results.json")
+  train "$out/joint" "$config,sparse,joint" --config.train.init_from="$out/gate_$first" \
+    --config.model.sparse.target="$first" --config.train.total_steps="$joint_steps" $rule_flags "$@"
+  evaluate "$out/joint" "$config,sparse,joint" --config.model.sparse.target="$first" \
+    $(sweep_flags) "$@"
+  if [ -n "${SPARSE_DECODE:-}" ]; then   # optional: a failure here leaves the rest running
+    phase "joint, sparse decode steps"
+    EVAL_LOG="$out/joint.decode.eval.log" evaluate "$out/joint" "$config,sparse,joint" \
+      --config.model.sparse.target="$first" $rule_flags --config.model.sparse.decode=True \
+      --out="$out/joint/eval_sparse_decode" "$@" || echo "sparse-decode eval failed"
+  fi
+fi
 wait   # for dense_ft on FT_GPU
-[ -s "$out/dense_ft/eval/results.json" ] || { echo "dense_ft failed: $out/dense_ft.train.log"; exit 1; }
 
 report() {
+  local pick
+  pick=$(cat "$out/joint_rule")
   python benchmarks/sparse_report.py report "$out/sparse_accuracy" \
     --dense "$out/dense_ft/eval/results.json" --sparse "$out/joint/eval/$pick/results.json" \
     --curve "joint=$out/joint/eval" --reference "dense_${dense_steps}_steps=$out/dense/eval/results.json" \
     $(d=$out/joint/eval_sparse_decode/results.json; [ -e "$d" ] && echo "--reference=joint_sparse_decode=$d") \
     $(for t in "${targets[@]}"; do [ -d "$out/gate_$t/eval" ] && echo "--curve=gate_$t=$out/gate_$t/eval"; done)
 }
-report
-for target in "${targets[@]:1}"; do  # further gate targets: gate-only curves
-  phase "gate $target"
-  train "$out/gate_$target" "$config,sparse" --config.train.init_from="$out/dense" \
-    --config.model.sparse.target="$target" --config.train.total_steps="$gate_steps" "$@"
-  evaluate "$out/gate_$target" "$config,sparse" --config.model.sparse.target="$target" \
-    $(sweep_flags) "$@"
+if [ -s "$out/dense_ft/eval/results.json" ] && [ -e "$out/joint_rule" ]; then
   report
-done
-rm -rf "$out"/*/checkpoints   # large; the tables are what come back
+else
+  echo "no report: it needs the dense_ft and joint stages' results in $out"
+fi
+if want gate; then
+  for target in "${targets[@]:1}"; do  # further gate targets: gate-only curves
+    phase "gate $target"
+    train "$out/gate_$target" "$config,sparse" --config.train.init_from="$out/dense" \
+      --config.model.sparse.target="$target" --config.train.total_steps="$gate_steps" "$@"
+    evaluate "$out/gate_$target" "$config,sparse" --config.model.sparse.target="$target" \
+      $(sweep_flags) "$@"
+    [ -e "$out/joint_rule" ] && [ -s "$out/dense_ft/eval/results.json" ] && report
+  done
+fi
+# Large; the tables are what come back. KEEP_CHECKPOINTS=1 keeps them (ship_params.sh).
+[ -n "${KEEP_CHECKPOINTS:-}" ] || rm -rf "$out"/*/checkpoints
 phase done

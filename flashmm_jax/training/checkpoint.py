@@ -82,9 +82,11 @@ def _restore_items(manager, step, **abstract_items):
     metadata = manager.item_metadata(step)
     for name, abstract in abstract_items.items():
       if name != 'meta':
-        if metadata[name] is None:
-          raise ValueError(f'item {name!r} is missing')
-        check_shapes(metadata[name], abstract, where)
+        saved = metadata[name] if name in metadata.keys() else None
+        if saved is None:
+          hint = ' (a params-only export: use it as train.init_from)' if name == 'opt_state' else ''
+          raise ValueError(f'item {name!r} is missing{hint}')
+        check_shapes(saved, abstract, where)
   except ValueError as e:
     if 'does not match the config' in str(e):
       raise
@@ -127,6 +129,27 @@ def restore_params(path, abstract_params):
   manager, step = _open(path)
   r = _restore_items(manager, step, params=abstract_params, meta=None)
   return step, r['params'], r['meta']
+
+
+def export_params(src, dst, dtype='bfloat16'):
+  """Writes the params of checkpoint `src` (workdir or step dir), floats cast
+  to `dtype`, as a params-only checkpoint in workdir `dst` (same step, meta
+  plus 'exported_dtype'): small enough to move between machines, e.g. a
+  device machine's 30-minute hold. `init_from` and `restore_model` read it
+  like any checkpoint, casting back to the model's param dtype; resuming
+  training from it fails (no optimizer state). Returns the step."""
+  manager, step = _open(src)
+  r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                    meta=ocp.args.JsonRestore()))
+  cast = lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x
+  out = make_manager(dst, keep=1)
+  if step in out.all_steps():
+    raise FileExistsError(f'{out.directory}/{step} already exists; refusing to overwrite it')
+  out.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(jax.tree_util.tree_map(cast, r['params'])),
+      meta=ocp.args.JsonSave(dict(r['meta'] or {}, exported_dtype=str(dtype)))))
+  out.wait_until_finished()
+  return step
 
 
 def param_names(path):

@@ -24,6 +24,19 @@ split. Interleaving, not contiguous slices, because a gate's kept blocks
 cluster (the sink, the recent window, one topic's span): any cluster is spread
 over all splits. Skipped blocks cost no loads; finding the next kept block is
 one min over the row.
+
+Both kernels step through their blocks blocks_per_step (n) at a time
+(triton_common.attend_block_groups): a step issues the K/V loads of n blocks,
+then one online-softmax update over all of them, so n blocks share a step's
+cross-warp reductions and barriers (~11 a step for n = 1 in the sm_90 PTX of
+Triton 3.9) and more bytes are in flight. Measured on an H100 (2026-11-25,
+batch 8, cache 32k, 65% skipped): no config of n, prefetch, warps, splits or
+stages beat the defaults beyond run-to-run noise (0.089-0.105 ms for the
+table kernel alone, ~2 TB/s; docs/results.md). A count that is not a
+multiple of n ends in masked slots that re-read a block of the program.
+Triton's pipeliner keeps num_stages - 1 steps of K/V in shared memory, i.e.
+(num_stages - 1) * n * 32 KB at block_k 64, D 128, bf16: n = 4 needs
+num_stages <= 2 on an H100 (227 KB).
 """
 
 import functools
@@ -39,6 +52,9 @@ from pallas_kernels.sparse_attention.block_tables import block_mask_from_tables,
 
 # Default programs per call, (B, Hkv, splits): ~2 per SM of an H100 (132 SMs).
 _PROGRAMS = 256
+# The loop shapes both kernels take (_check_loop_options).
+BLOCKS_PER_STEP = (1, 2, 4)
+PREFETCH = tc.PREFETCH
 
 
 def _row_positions(q_offset, rows, group, new):
@@ -50,7 +66,7 @@ def _row_positions(q_offset, rows, group, new):
 
 def _decode_kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, kv_len_ref, prefix_ref,
                    offset_ref, o_ref, lse_ref, *, sm_scale, block_k, num_splits,
-                   group, new):
+                   group, new, blocks_per_step, prefetch):
   """q_ref [R, D]; k_ref/v_ref [S, D]; ids_ref [max_k]; o_ref [R, D]; lse_ref [R]."""
   count = count_ref[...]
   chunk = lax.div(count + num_splits - 1, num_splits)   # count >= 0
@@ -58,16 +74,27 @@ def _decode_kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, kv_len_ref, prefix_r
   hi = jnp.minimum(lo + chunk, count)
   q = q_ref[...]
   q_pos = _row_positions(offset_ref[...], q.shape[0], group, new)
-  out, lse = tc.attend_blocks(
-      q, k_ref, v_ref, ids_ref, lo, hi, q_pos, kv_len_ref[...], prefix_ref[...],
-      sm_scale=sm_scale, block_k=block_k)
+  n, last_block = blocks_per_step, k_ref.shape[0] // block_k - 1
+
+  def ids_at(p):
+    """Table entries p .. p + n - 1; past hi, entry hi - 1 again (read anyway).
+    The clamps keep even an empty split's prefetch (prefetch 2) in bounds."""
+    pos = [jnp.maximum(jnp.minimum(p + t, hi - 1), 0) for t in range(n)]
+    starts = [pl.multiple_of(jnp.clip(ids_ref[i], 0, last_block) * block_k, block_k)
+              for i in pos]
+    return p + n, (starts, jnp.clip(hi - p, 0, n))
+
+  out, lse = tc.attend_block_groups(
+      q, k_ref, v_ref, ids_at, lo, lax.div(hi - lo + n - 1, n), q_pos,
+      kv_len_ref[...], prefix_ref[...], sm_scale=sm_scale, block_k=block_k,
+      prefetch=prefetch)
   o_ref[...] = out
   lse_ref[...] = lse
 
 
 def _scored_kernel(q_ref, k_ref, v_ref, scores_ref, cutoff_ref, kv_len_ref,
                    prefix_ref, offset_ref, o_ref, lse_ref, *, sm_scale, block_k,
-                   num_splits, group, new, rule):
+                   num_splits, group, new, rule, blocks_per_step, prefetch):
   """Like _decode_kernel, with scores_ref [N] and the row's cutoff in place of
   a block list: visits the kept blocks j with j % num_splits == split."""
   q, q_offset = q_ref[...], offset_ref[...]
@@ -77,19 +104,25 @@ def _scored_kernel(q_ref, k_ref, v_ref, scores_ref, cutoff_ref, kv_len_ref,
                                   q_offset, block_k=block_k, rule=rule)
   idx = jnp.arange(kept.shape[0], dtype=jnp.int32)
   mine = kept & (lax.rem(idx, num_splits) == pl.program_id(2))
-  after = lambda j: jnp.min(jnp.where(mine & (idx > j), idx, kept.shape[0]))
+  n = blocks_per_step
 
-  def visit(_, carry):
-    j, state = carry
-    following = after(j)   # first: it does not wait for this block's loads
-    start = pl.multiple_of(j * block_k, block_k)
-    state = tc.attend_block(q, k_ref, v_ref, start, state, q_pos, kv_len,
-                            prefix_len, sm_scale=sm_scale, block_k=block_k)
-    return following, state
+  def next_kept(last):
+    """The next n of my kept blocks after block `last` (-1: none yet). Once
+    they run out, a slot repeats the previous one (read anyway), or block 0
+    in a program with no block at all."""
+    starts, n_live = [], 0
+    for _ in range(n):
+      j = jnp.min(jnp.where(mine & (idx > last), idx, kept.shape[0]))
+      live = j < kept.shape[0]
+      last = jnp.where(live, j, last)
+      n_live = n_live + live.astype(jnp.int32)
+      starts.append(pl.multiple_of(jnp.maximum(last, 0) * block_k, block_k))
+    return last, (starts, n_live)
 
   count = jnp.sum(mine.astype(jnp.int32))
-  _, state = lax.fori_loop(0, count, visit, (after(-1), tc.softmax_start(*q.shape)))
-  o_ref[...], lse_ref[...] = tc.softmax_finish(state)
+  o_ref[...], lse_ref[...] = tc.attend_block_groups(
+      q, k_ref, v_ref, next_kept, jnp.int32(-1), lax.div(count + n - 1, n), q_pos,
+      kv_len, prefix_len, sm_scale=sm_scale, block_k=block_k, prefetch=prefetch)
 
 
 def combine(out, lse, axis):
@@ -132,6 +165,15 @@ def check_scored_inputs(q, k_cache, v_cache, scores, cutoff, *, block_k, rule):
     raise ValueError(f'{cutoff.shape=} must be (B, Hkv)={(b, hkv)}')
   if rule not in block_cutoff.RULES:
     raise ValueError(f'{rule=} must be one of {block_cutoff.RULES}')
+
+
+def _check_loop_options(blocks_per_step, prefetch):
+  """blocks_per_step: key blocks per loop step, all loaded before any dot
+  (more bytes in flight per program); prefetch: tc.attend_block_groups."""
+  if blocks_per_step not in BLOCKS_PER_STEP:
+    raise ValueError(f'{blocks_per_step=} must be one of {BLOCKS_PER_STEP}')
+  if prefetch not in PREFETCH:
+    raise ValueError(f'{prefetch=} must be one of {PREFETCH}')
 
 
 def _group_rows(q, hkv):
@@ -198,23 +240,30 @@ def _split_decode(kernel, q, k_cache, v_cache, row_vector, row_scalar, kv_len,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'block_k', 'num_splits', 'sm_scale', 'interpret', 'num_warps', 'num_stages'))
+    'block_k', 'num_splits', 'sm_scale', 'interpret', 'num_warps', 'num_stages',
+    'blocks_per_step', 'prefetch'))
 def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len,
                   q_offset, *, block_k: int, num_splits: int | None = None,
                   sm_scale: float | None = None, interpret: bool = False,
-                  num_warps: int | None = None, num_stages: int = 2):
+                  num_warps: int | None = None, num_stages: int = 2,
+                  blocks_per_step: int = 1, prefetch: int = 0):
   """Decode attention over selected cache blocks; [B, M, Hq, D] in q.dtype.
 
   q [B, M, Hq, D] new tokens; k_cache, v_cache [B, S, Hkv, D]; kv_ids
   [B, Hkv, max_k] selected key blocks (of block_k keys), kv_count [B, Hkv];
   kv_len, prefix_len, q_offset int [B]. num_splits None: enough splits for
   ~256 programs, at most max_k. Rows with no visible key output 0.
+  blocks_per_step, prefetch: loop shape (_check_loop_options,
+  triton_common.attend_block_groups); (1, 0) reads one block per step and
+  its id in the same step.
   """
   _check_shapes(q, k_cache, v_cache, kv_ids, kv_count, block_k)
+  _check_loop_options(blocks_per_step, prefetch)
   b, d, hkv = q.shape[0], q.shape[3], k_cache.shape[2]
   splits = num_splits or _default_splits(b, hkv, kv_ids.shape[-1])
   kernel = functools.partial(_decode_kernel, sm_scale=_scale(sm_scale, d),
-                             block_k=block_k, num_splits=splits)
+                             block_k=block_k, num_splits=splits,
+                             blocks_per_step=blocks_per_step, prefetch=prefetch)
   return _split_decode(
       kernel, q, k_cache, v_cache, tc.pad_ids(kv_ids), kv_count.astype(jnp.int32),
       kv_len, prefix_len, q_offset, splits=splits, name='sparse_decode',
@@ -224,12 +273,13 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len,
 
 @functools.partial(jax.jit, static_argnames=(
     'block_k', 'rule', 'num_splits', 'sm_scale', 'interpret', 'num_warps',
-    'num_stages'))
+    'num_stages', 'blocks_per_step', 'prefetch'))
 def sparse_decode_scored(q, k_cache, v_cache, scores, cutoff, kv_len, prefix_len,
                          q_offset, *, block_k: int, rule: str = 'keep_min',
                          num_splits: int | None = None,
                          sm_scale: float | None = None, interpret: bool = False,
-                         num_warps: int | None = None, num_stages: int = 3):
+                         num_warps: int | None = None, num_stages: int = 3,
+                         blocks_per_step: int = 1, prefetch: int = 1):
   """Decode attention over the cache blocks the scores keep; [B, M, Hq, D].
 
   scores f32 [B, Hkv, S // block_k] per-block scores; cutoff [B, Hkv] the
@@ -239,9 +289,11 @@ def sparse_decode_scored(q, k_cache, v_cache, scores, cutoff, kv_len, prefix_len
   for ~256 programs, at most S // block_k. num_stages 3: Triton's pipeliner
   then double-buffers K/V, so the next kept block loads while this one is
   computed (with 2 it gets one buffer and issues the next load only after
-  the current block's dots).
+  the current block's dots). blocks_per_step, prefetch as in sparse_decode;
+  (1, 1) reads one block per step, found during the previous step.
   """
   check_scored_inputs(q, k_cache, v_cache, scores, cutoff, block_k=block_k, rule=rule)
+  _check_loop_options(blocks_per_step, prefetch)
   tc.check_pow2(block_k=block_k, head_dim=q.shape[3])
   b, d, hkv, n_k = q.shape[0], q.shape[3], k_cache.shape[2], scores.shape[-1]
   splits = num_splits or _default_splits(b, hkv, n_k)
@@ -250,7 +302,8 @@ def sparse_decode_scored(q, k_cache, v_cache, scores, cutoff, kv_len, prefix_len
   scores = jnp.pad(scores.astype(jnp.float32), ((0, 0), (0, 0), (0, width - n_k)))
   cutoff = cutoff.astype(jnp.float32 if rule == 'keep_min' else jnp.int32)
   kernel = functools.partial(_scored_kernel, sm_scale=_scale(sm_scale, d),
-                             block_k=block_k, num_splits=splits, rule=rule)
+                             block_k=block_k, num_splits=splits, rule=rule,
+                             blocks_per_step=blocks_per_step, prefetch=prefetch)
   return _split_decode(
       kernel, q, k_cache, v_cache, scores, cutoff, kv_len, prefix_len, q_offset,
       splits=splits, name='sparse_decode_scored',

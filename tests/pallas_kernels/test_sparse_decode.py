@@ -3,6 +3,9 @@ a cutoff) in interpret mode vs their jnp references, the references vs dense
 attention, the seams, and the benchmark's fused decode step.
 
 Grids are (B, Hkv, splits): a handful of steps, so interpret mode is cheap.
+Each kernel test runs with blocks_per_step 1, 2 and 4 on a cache whose unread
+blocks are NaN: a step's surplus slots (count % blocks_per_step tails, the
+prefetched group after the last) may only re-read blocks the row selected.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 from benchmarks import attention as bench
 from flashmm_jax.ops import attention as attention_ops
 from flashmm_jax.ops import sparse_attention as sparse_ops
+from pallas_kernels.sparse_attention import block_cutoff as bc
 from pallas_kernels.sparse_attention import block_tables as bt
 from pallas_kernels.sparse_attention import decode
 
@@ -46,6 +50,19 @@ CASES = [
 ]
 
 
+def _loop_params(cases):
+  """(case, blocks_per_step, prefetch): every case with 1, 2 and 4 blocks a
+  step, the prefetch depth rotating over the cases so every pair runs."""
+  return [pytest.param(c, n, (i + j) % 3, id=f'{c.name}-n{n}-p{(i + j) % 3}')
+          for i, c in enumerate(cases) for j, n in enumerate((1, 2, 4))]
+
+
+def _poison(x, blocks):
+  """x [B, S, Hkv, D] with NaN in the key blocks not in blocks [B, Hkv, nK]."""
+  keep = jnp.repeat(blocks, x.shape[1] // blocks.shape[-1], axis=-1)
+  return jnp.where(keep.transpose(0, 2, 1)[..., None], x, jnp.nan).astype(x.dtype)
+
+
 def _random_qkv(case, rng, length):
   """q [2, M, Hq, 32] and a K/V cache [2, length, Hkv, 32] in the case's dtype."""
   hq, hkv = case.heads
@@ -71,11 +88,16 @@ def _inputs(case, seed=0):
   return q, k, v, kv_ids, kv_count, lens
 
 
-@pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
-def test_kernel_matches_reference(case):
+@pytest.mark.parametrize('case, blocks_per_step, prefetch', _loop_params(CASES))
+def test_kernel_matches_reference(case, blocks_per_step, prefetch):
   q, k, v, kv_ids, kv_count, lens = _inputs(case)
-  out = decode.sparse_decode(q, k, v, kv_ids, kv_count, **lens, block_k=BLOCK_K,
-                             num_splits=case.splits, interpret=True)
+  read = bt.block_mask_from_tables(kv_ids, kv_count, N_BLOCKS)
+  # Garbage past the count: the kernel must not use it, even as an address.
+  junk = jnp.where(jnp.arange(kv_ids.shape[-1]) < kv_count[..., None], kv_ids, 999)
+  out = decode.sparse_decode(q, _poison(k, read), _poison(v, read), junk, kv_count,
+                             **lens, block_k=BLOCK_K, num_splits=case.splits,
+                             blocks_per_step=blocks_per_step, prefetch=prefetch,
+                             interpret=True)
   want = decode.sparse_decode_reference(
       q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
       kv_ids, kv_count, **lens, block_k=BLOCK_K)
@@ -85,6 +107,28 @@ def test_kernel_matches_reference(case):
   if case.empty_row:  # batch 1, kv head 0's query heads saw nothing: exactly 0
     group = q.shape[2] // k.shape[2]
     assert not np.any(np.asarray(out[1, :, :group]))
+
+
+@pytest.mark.parametrize('blocks_per_step, prefetch', [(2, 0), (4, 1), (4, 2)])
+def test_step_tails(blocks_per_step, prefetch):
+  """One split, rows of 0, 1, 4, 5, 7 and 8 of 8 blocks: every tail length of
+  4-block steps, an exact multiple, an empty row, a single block."""
+  case = DecodeCase('tails', 2, (6, 3), (128, 100), splits=1)
+  rng = np.random.default_rng(7)
+  q, k, v = _random_qkv(case, rng, 128)
+  count = np.array([[0, 1, 4], [5, 7, 8]])
+  ids = np.stack([np.stack([np.pad(np.sort(rng.permutation(8)[:c]), (0, 8 - c),
+                                   constant_values=-3) for c in row]) for row in count])
+  ids, count = jnp.asarray(ids, jnp.int32), jnp.asarray(count, jnp.int32)
+  lens = dict(kv_len=jnp.array([128, 100]), prefix_len=jnp.array([0, 40]),
+              q_offset=jnp.array([126, 98]))
+  read = bt.block_mask_from_tables(ids, count, 8)
+  out = decode.sparse_decode(q, _poison(k, read), _poison(v, read), ids, count, **lens,
+                             block_k=BLOCK_K, num_splits=1, interpret=True,
+                             blocks_per_step=blocks_per_step, prefetch=prefetch)
+  want = decode.sparse_decode_reference(q, k, v, ids, count, **lens, block_k=BLOCK_K)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+  assert not np.any(np.asarray(out[0, :, :2]))     # the empty row: exactly 0
 
 
 def test_reference_all_blocks_is_dense_attention():
@@ -136,6 +180,9 @@ def test_rejects_bad_shapes():
   with pytest.raises(ValueError, match=r'must be \(B, Hkv, max_k\)'):
     decode.sparse_decode(q, k, v, kv_ids[:1], kv_count, **lens, block_k=BLOCK_K,
                          interpret=True)
+  with pytest.raises(ValueError, match=r'blocks_per_step=3 must be one of \(1, 2, 4\)'):
+    decode.sparse_decode(q, k, v, kv_ids, kv_count, **lens, block_k=BLOCK_K,
+                         blocks_per_step=3, interpret=True)
 
 
 # --------------------------------------- scores + cutoff (sparse_decode_scored) ---
@@ -197,11 +244,15 @@ def _scored_inputs(case, seed=0):
   return q, k, v, jnp.asarray(scores), cutoff, lens
 
 
-@pytest.mark.parametrize('case', SCORED_CASES, ids=[c.name for c in SCORED_CASES])
-def test_scored_kernel_matches_reference(case):
+@pytest.mark.parametrize('case, blocks_per_step, prefetch', _loop_params(SCORED_CASES))
+def test_scored_kernel_matches_reference(case, blocks_per_step, prefetch):
   q, k, v, scores, cutoff, lens = _scored_inputs(case)
-  out = decode.sparse_decode_scored(q, k, v, scores, cutoff, **lens, block_k=BLOCK_K,
-                                    rule=case.rule, num_splits=case.splits,
+  read = bc.kept_blocks_reference(scores, cutoff, lens['kv_len'], lens['q_offset'],
+                                  block_k=BLOCK_K, rule=case.rule)
+  out = decode.sparse_decode_scored(q, _poison(k, read), _poison(v, read), scores,
+                                    cutoff, **lens, block_k=BLOCK_K, rule=case.rule,
+                                    num_splits=case.splits,
+                                    blocks_per_step=blocks_per_step, prefetch=prefetch,
                                     interpret=True)
   as32 = lambda x: x.astype(jnp.float32)
   want = decode.sparse_decode_scored_reference(as32(q), as32(k), as32(v), scores,
@@ -267,6 +318,9 @@ def test_scored_rejects_bad_inputs():
   with pytest.raises(ValueError, match='must be a multiple of block_k=16'):
     decode.sparse_decode_scored(q, k[:, :40], v[:, :40], scores, cutoff, **lens,
                                 block_k=BLOCK_K, interpret=True)
+  with pytest.raises(ValueError, match=r'prefetch=3 must be one of \(0, 1, 2\)'):
+    decode.sparse_decode_scored(q, k, v, scores, cutoff, **lens, block_k=BLOCK_K,
+                                prefetch=3, interpret=True)
 
 
 def test_benchmark_fused_step_matches_reference():
@@ -280,6 +334,16 @@ def test_benchmark_fused_step_matches_reference():
       q, k, v, bench.decode_scores(q, pooled), jnp.full((2, 1), 3), **lens,
       block_k=BLOCK_K, rule='top_k')
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_decode_config_specs():
+  assert bench.decode_config('4x3') == dict(num_splits=4, num_stages=3)
+  assert bench.decode_config('0x2x4x0x2') == dict(num_splits=0, num_stages=2,
+                                                  blocks_per_step=4, prefetch=2)
+  assert bench.decode_config('8x3x2x16') == dict(num_splits=8, num_stages=3,
+                                                 blocks_per_step=2, num_warps=16)
+  with pytest.raises(ValueError, match='SPLITSxSTAGES'):
+    bench.decode_config('4')
 
 
 def test_benchmark_head_major_layout_is_the_same_step():

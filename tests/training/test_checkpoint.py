@@ -5,11 +5,13 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import flash
 from configs import pro
+from flashmm_jax.training import checkpoint
 from flashmm_jax.training import sharding
 from flashmm_jax.training import train_state
 from flashmm_jax.training import trainer
@@ -98,3 +100,23 @@ def test_unwritable_workdir(tmp_path):
   c = _config(flash)
   with pytest.raises(PermissionError, match='is not writable'):
     trainer.Trainer(c, str(blocker / 'workdir'), mesh=_mesh(c))
+
+
+def test_exported_params_restore_as_the_rounded_params_and_start_runs(trained, tmp_path):
+  workdir, params = trained
+  dst = tmp_path / 'bf16'
+  assert checkpoint.export_params(str(workdir), str(dst)) == 2
+  c = _config(flash)
+  model, step, meta = train_state.restore_model(c, str(dst), _mesh(c))
+  assert step == 2 and meta['exported_dtype'] == 'bfloat16'
+  restored = jax.tree.leaves(jax.device_get(train_state.nnx.state(model, train_state.nnx.Param)))
+  for a, b in zip(jax.tree.leaves(params), restored):
+    assert b.dtype == a.dtype   # cast back to the model's param dtype
+    np.testing.assert_array_equal(b, a.astype(jnp.bfloat16).astype(a.dtype))
+  # A fresh run starts from it; resuming from it would need the optimizer state.
+  c.train.init_from = str(dst)
+  trainer.Trainer(c, str(tmp_path / 'ft'), mesh=_mesh(c)).run()
+  with pytest.raises(FileExistsError, match='refusing to overwrite'):
+    checkpoint.export_params(str(workdir), str(dst))
+  with pytest.raises(ValueError, match="'opt_state' is missing"):
+    trainer.Trainer(_config(flash), str(dst), mesh=_mesh(c))
