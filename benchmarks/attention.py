@@ -64,6 +64,9 @@ _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused
                                   'ours_fused_s65_<spec>')
 _DECODE_TABLES = flags.DEFINE_list('decode_tables', [], 'the same for the table decode '
                                    '(decode.sparse_decode): keys ours_s65_<spec>')
+_DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['4x2', '8x2'], 'the Mosaic forward kernel '
+                                   'as split-K decode (mosaic_gpu.sparse_decode), SPLITSxSTAGES '
+                                   'at 65%: keys ours_mosaic_s65_<spec>[_kernel]')
 
 BQ = mosaic_gpu.TILE_Q
 
@@ -354,6 +357,14 @@ def decode_config(spec):
   return config
 
 
+def mosaic_decode_kernel(spec, kv_len, offset, block_k):
+  """jitted (q, k, v, ids, count) -> mosaic_gpu.sparse_decode at SPLITSxSTAGES."""
+  splits, stages = map(int, spec.split('x'))
+  return jax.jit(lambda q, k, v, ids, count: mosaic_gpu.sparse_decode(
+      q, k, v, ids, count, kv_len, kv_len * 0, offset, block_k=block_k,
+      num_splits=splits, config=mosaic_gpu.Config(stages)))
+
+
 def bench_decode(batch, cache, block_k=64, new=1):
   """One decode step (new tokens of each GQA group) against a full cache:
   `ours_s*` select through top-k and tables, `ours_fused_s*` inside the kernel
@@ -444,6 +455,16 @@ def bench_decode(batch, cache, block_k=64, new=1):
   tables_step, fused_step = steps['s65']
   res['fused_vs_tables_rel_err'] = rel_err(fused_step(*fused_args),
                                            tables_step(q, kc, vc, pooled))
+  for spec in _DECODE_MOSAIC.value:   # the same tables, streamed by TMA (one new token)
+    kernel = mosaic_decode_kernel(spec, kv_len, offset, block_k)
+    selection = select(budget(0.65))
+    step = jax.jit(lambda q, k, v, kp, kernel=kernel, selection=selection:
+                   kernel(q, k, v, *selection(q, kp)))
+    timed(f'ours_mosaic_s65_{spec}', step, q, kc, vc, pooled)
+    timed(f'ours_mosaic_s65_{spec}_kernel', kernel, q, kc, vc, *tables)
+    if f'ours_mosaic_s65_{spec}' in res['ms']:
+      res.setdefault('mosaic_vs_tables_rel_err', {})[spec] = rel_err(
+          step(q, kc, vc, pooled), tables_step(q, kc, vc, pooled))
   # The same step over a head-major cache: each kv head's blocks contiguous in
   # memory (rows of D instead of a stride of Hkv * D), as kv-head batch rows.
   head_major = head_major_decode_args(*fused_args, hkv=hkv)
@@ -508,6 +529,22 @@ def check_decode():
       if not err < 2e-2:
         raise SystemExit(f'triton {case} {loop} mismatch: rel err {err}')
       rows.append(dict(case=case, loop=loop, rel_err=err))
+  one = (q[:, :1], kc, vc, ids, count, *lens)   # the Mosaic decode takes one new token
+  want = decode.sparse_decode_reference(*one, block_k=64)
+  for spec in _DECODE_MOSAIC.value:
+    splits, stages = map(int, spec.split('x'))
+    try:   # not yet run on a GPU (2026-11-25): a failure is reported, not fatal
+      out = mosaic_gpu.sparse_decode(*one, block_k=64, num_splits=splits,
+                                     config=mosaic_gpu.Config(stages))
+    except Exception as e:
+      print(f'check mosaic decode {spec}: failed: {type(e).__name__}: {str(e)[-300:]}')
+      rows.append(dict(case='decode_mosaic', loop=spec, error=type(e).__name__))
+      continue
+    err = rel_err(out, want)
+    print(f'check mosaic decode {spec}: rel err {err:.2e}')
+    if not err < 2e-2:
+      raise SystemExit(f'mosaic decode {spec} mismatch: rel err {err}')
+    rows.append(dict(case='decode_mosaic', loop=spec, rel_err=err))
   return rows
 
 
