@@ -33,6 +33,7 @@ def trained_workdir(tmp_path_factory):
 def test_train_logs_progress_and_writes_checkpoints_and_tensorboard(trained_workdir):
   workdir, log = trained_workdir
   assert 'steps/s' in log and 'ETA' in log and 'tok/s' in log
+  assert 'Start-up: train state ready after' in log and 'first step (trace, compile' in log
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['2', '4']
   assert list((workdir / 'tb').glob('events.out.tfevents.*'))
 

@@ -40,6 +40,7 @@ class Trainer:
   """Holds the mesh, state and step; `run()` trains to config.train.total_steps."""
 
   def __init__(self, config, workdir, mesh=None, eval_fn=None):
+    t_init = time.time()
     checkpoint.check_writable(workdir)
     self.config, self.workdir, self.eval_fn = config, workdir, eval_fn
     self.mesh = mesh or sharding.make_mesh(config.mesh)
@@ -54,6 +55,7 @@ class Trainer:
           gate_loss_weight=config.train.gate_loss_weight, trainable=config.train.trainable)
     self.manager = checkpoint.make_manager(workdir, keep=config.train.keep_ckpts)
     self.step, self.params, self.rest, self.opt_state = self._restore_or_init()
+    logging.info('Start-up: train state ready after %.1f s', time.time() - t_init)
 
   def _restore_or_init(self):
     with sharding.activate(self.mesh, self.config.logical_axis_rules):
@@ -104,10 +106,17 @@ class Trainer:
     deadline = time.time() + 60 * c.train.max_time_minutes if c.train.max_time_minutes else None
     try:
       with sharding.activate(self.mesh, c.logical_axis_rules):
+        first = True
         while self.step < stop:
           batch = sharding.global_batch(next(batches), self.mesh)
+          t_batch = time.time()
           self.params, self.opt_state, metrics = self.step_fn(
               self.params, self.rest, self.opt_state, batch)
+          if first:   # where start-up time goes: the data pipeline, or compiling
+            jax.block_until_ready(metrics)
+            logging.info('Start-up: first batch after %.1f s, first step (trace, compile, '
+                         'run) %.1f s', t_batch - t_start, time.time() - t_batch)
+            first = False
           self.step += 1
           prog.add(self.step, metrics)
           out_of_time = deadline is not None and time.time() > deadline
