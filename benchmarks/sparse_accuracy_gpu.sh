@@ -116,6 +116,7 @@ report() {
   pick=$(cat "$out/joint_rule")
   python benchmarks/sparse_report.py report "$out/sparse_accuracy" \
     --dense "$out/dense_ft/eval/results.json" --sparse "$out/joint/eval/$pick/results.json" \
+    --dense_label "dense + ${joint_steps} steps (dense_ft, the fair baseline)" \
     --curve "joint=$out/joint/eval" --reference "dense_${dense_steps}_steps=$out/dense/eval/results.json" \
     $(d=$out/joint/eval_sparse_decode/results.json; [ -e "$d" ] && echo "--reference=joint_sparse_decode=$d") \
     $(for t in "${targets[@]}"; do [ -d "$out/gate_$t/eval" ] && echo "--curve=gate_$t=$out/gate_$t/eval"; done)

@@ -128,7 +128,7 @@ def plot(points, references, dense, stem, dense_label):
 def report(stem, dense_path, sparse_path, curves, references, dense_label='dense baseline'):
   dense, sparse = load(dense_path), load(sparse_path)
   out = compare(dense, sparse)
-  table = markdown(out)
+  table = f'Dense column: {dense_label}.\n\n' + markdown(out)
   refs = [(label, load(path)) for label, path in references]
   out['references'] = {label: r['mean'] for label, r in refs}
   table += ''.join(f'\n{label}: mean {100 * r["mean"]:.1f}\n' for label, r in refs)
