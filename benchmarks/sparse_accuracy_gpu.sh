@@ -20,9 +20,9 @@
 #     (model.sparse.decode) under its rule, a reference row in the report.
 #   STAGES (default "dense dense_ft gate joint"): the stages to run, in that order; a
 #     stage needs the checkpoints of those before it in OUT. Split over two machines
-#     (each held at most 30 minutes): STAGES="dense dense_ft gate" KEEP_CHECKPOINTS=1 on
-#     the first, `ship_params.sh pack OUT/gate_mass ...` and the results archive back,
-#     then STAGES=joint on the second from the unpacked gate and the results (README).
+#     (each held at most 30 minutes): STAGES="dense dense_ft" KEEP_CHECKPOINTS=1 on the
+#     first, `ship_params.sh pack OUT/dense ...` and the results archive back, then
+#     STAGES="gate joint" on the second from the unpacked dense params and results (README).
 # Writes OUT/DONE when it ends, well or not (benchmarks/device_poll.sh waits for it).
 set -euo pipefail
 out=$1 config=$2 dense_steps=$3
