@@ -30,6 +30,9 @@ shift 3
 read -r -a targets <<< "${TARGETS:-mass peak}"
 read -r -a rules <<< "${RULES:-threshold=0.3 threshold=0.5 threshold=0,coverage=0.5 threshold=0,coverage=0.6 threshold=0,coverage=0.7 threshold=0,coverage=0.8}"
 workers="--config.data.num_workers=${NUM_WORKERS:-12}"
+# One persistent compilation cache for every process: the evals of a model under
+# the same rule, and dense and dense_ft's, compile the same programs.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 gate_steps=${GATE_STEPS:-500} joint_steps=${JOINT_STEPS:-400}
 mkdir -p "$out"
 trap 'touch "$out/DONE"' EXIT
