@@ -357,12 +357,17 @@ def decode_config(spec):
   return config
 
 
+def mosaic_decode(*args, num_stages=2, **kw):
+  """mosaic_gpu.sparse_decode taking a decode_config (SPLITSxSTAGES) like the
+  Triton kernels; its stages are the K/V ring's slots."""
+  return mosaic_gpu.sparse_decode(*args, config=mosaic_gpu.Config(num_stages), **kw)
+
+
 def mosaic_decode_kernel(spec, kv_len, offset, block_k):
   """jitted (q, k, v, ids, count) -> mosaic_gpu.sparse_decode at SPLITSxSTAGES."""
-  splits, stages = map(int, spec.split('x'))
-  return jax.jit(lambda q, k, v, ids, count: mosaic_gpu.sparse_decode(
-      q, k, v, ids, count, kv_len, kv_len * 0, offset, block_k=block_k,
-      num_splits=splits, config=mosaic_gpu.Config(stages)))
+  config = decode_config(spec)
+  return jax.jit(lambda q, k, v, ids, count: mosaic_decode(
+      q, k, v, ids, count, kv_len, kv_len * 0, offset, block_k=block_k, **config))
 
 
 def bench_decode(batch, cache, block_k=64, new=1):
@@ -485,8 +490,10 @@ def check_decode():
   vs their references on the GPU; ragged lengths, a prefix, 4 new tokens. Each
   runs at its default loop, at 2 and 4 blocks a step with every prefetch
   depth (4 with 2 stages: 3 would need ~270 KB of shared memory), and at each
-  config of --decode_tables / --decode_fused (one that fails to compile is
-  reported, and its timing fails the same way; a mismatch stops the run)."""
+  config of --decode_tables / --decode_fused; then the Mosaic decode (one new
+  token) at each config of --decode_mosaic. A config of those flags that fails
+  to compile is reported (its timing fails the same way); a mismatch stops
+  the run."""
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
   q = jax.random.normal(keys[0], (2, 4, 16, 128), jnp.bfloat16)
   kc = jax.random.normal(keys[1], (2, 4096, 4, 128), jnp.bfloat16)
@@ -500,51 +507,41 @@ def check_decode():
        else dict(blocks_per_step=n, prefetch=p))
       for n in (2, 4) for p in decode.PREFETCH]
   specs = lambda flag: [(spec, decode_config(spec)) for spec in flag.value]
+  one = (q[:, :1], kc, vc, ids, count, *lens)   # the Mosaic decode takes one new token
+  # case: (kernel, reference, args, kwargs, loops that must run, configs whose
+  # compile failure is reported rather than fatal)
   cases = {
       'decode': (decode.sparse_decode, decode.sparse_decode_reference,
-                 (q, kc, vc, ids, count, *lens), {}, specs(_DECODE_TABLES)),
+                 (q, kc, vc, ids, count, *lens), {}, loops, specs(_DECODE_TABLES)),
       'decode_scored_top_k': (decode.sparse_decode_scored,
                               decode.sparse_decode_scored_reference,
                               (q, kc, vc, scores, budgets, *lens), dict(rule='top_k'),
-                              specs(_DECODE_FUSED)),
+                              loops, specs(_DECODE_FUSED)),
       'decode_scored_keep_min': (decode.sparse_decode_scored,
                                  decode.sparse_decode_scored_reference,
                                  (q, kc, vc, scores, jnp.full((2, 4), 0.5), *lens),
-                                 dict(rule='keep_min'), specs(_DECODE_FUSED)),
+                                 dict(rule='keep_min'), loops, specs(_DECODE_FUSED)),
+      # Not yet run on a GPU (2026-11-25): every config may fail, reported.
+      'decode_mosaic': (mosaic_decode, decode.sparse_decode_reference, one, {}, [],
+                        specs(_DECODE_MOSAIC)),
   }
   rows = []
-  for case, (kernel, reference_fn, args, kw, timed) in cases.items():
+  for case, (kernel, reference_fn, args, kw, required, optional) in cases.items():
     want = reference_fn(*args, block_k=64, **kw)
-    for loop, config in loops + timed:
+    for loop, config in required + optional:
       try:
         out = np.asarray(kernel(*args, block_k=64, **kw, **config), np.float32)
       except Exception as e:
-        if (loop, config) in loops:
+        if (loop, config) in required:
           raise
-        print(f'check triton {case} {loop}: failed: {type(e).__name__}: {str(e)[-300:]}')
+        print(f'check {case} {loop}: failed: {type(e).__name__}: {str(e)[-300:]}')
         rows.append(dict(case=case, loop=loop, error=f'{type(e).__name__}'))
         continue
       err = rel_err(out, want)
-      print(f'check triton {case} {loop}: rel err {err:.2e}')
+      print(f'check {case} {loop}: rel err {err:.2e}')
       if not err < 2e-2:
-        raise SystemExit(f'triton {case} {loop} mismatch: rel err {err}')
+        raise SystemExit(f'{case} {loop} mismatch: rel err {err}')
       rows.append(dict(case=case, loop=loop, rel_err=err))
-  one = (q[:, :1], kc, vc, ids, count, *lens)   # the Mosaic decode takes one new token
-  want = decode.sparse_decode_reference(*one, block_k=64)
-  for spec in _DECODE_MOSAIC.value:
-    splits, stages = map(int, spec.split('x'))
-    try:   # not yet run on a GPU (2026-11-25): a failure is reported, not fatal
-      out = mosaic_gpu.sparse_decode(*one, block_k=64, num_splits=splits,
-                                     config=mosaic_gpu.Config(stages))
-    except Exception as e:
-      print(f'check mosaic decode {spec}: failed: {type(e).__name__}: {str(e)[-300:]}')
-      rows.append(dict(case='decode_mosaic', loop=spec, error=type(e).__name__))
-      continue
-    err = rel_err(out, want)
-    print(f'check mosaic decode {spec}: rel err {err:.2e}')
-    if not err < 2e-2:
-      raise SystemExit(f'mosaic decode {spec} mismatch: rel err {err}')
-    rows.append(dict(case='decode_mosaic', loop=spec, rel_err=err))
   return rows
 
 
