@@ -114,7 +114,11 @@ if want joint; then
 fi
 wait   # for dense_ft on FT_GPU
 
-report() {
+report() {  # once the dense_ft and joint stages' results are in OUT
+  if [ ! -s "$out/dense_ft/eval/results.json" ] || [ ! -e "$out/joint_rule" ]; then
+    echo "no report: it needs the dense_ft and joint stages' results in $out"
+    return
+  fi
   local pick
   pick=$(cat "$out/joint_rule")
   python benchmarks/sparse_report.py report "$out/sparse_accuracy" \
@@ -124,11 +128,7 @@ report() {
     $(d=$out/joint/eval_sparse_decode/results.json; [ -e "$d" ] && echo "--reference=joint_sparse_decode=$d") \
     $(for t in "${targets[@]}"; do [ -d "$out/gate_$t/eval" ] && echo "--curve=gate_$t=$out/gate_$t/eval"; done)
 }
-if [ -s "$out/dense_ft/eval/results.json" ] && [ -e "$out/joint_rule" ]; then
-  report
-else
-  echo "no report: it needs the dense_ft and joint stages' results in $out"
-fi
+report
 if want gate; then
   for target in "${targets[@]:1}"; do  # further gate targets: gate-only curves
     phase "gate $target"
@@ -136,7 +136,7 @@ if want gate; then
       --config.model.sparse.target="$target" --config.train.total_steps="$gate_steps" "$@"
     evaluate "$out/gate_$target" "$config,sparse" --config.model.sparse.target="$target" \
       $(sweep_flags) "$@"
-    [ -e "$out/joint_rule" ] && [ -s "$out/dense_ft/eval/results.json" ] && report
+    report
   done
 fi
 # Large; the tables are what come back. KEEP_CHECKPOINTS=1 keeps them (ship_params.sh).
