@@ -31,14 +31,15 @@ def make_manager(workdir, keep=3, read_only=False):
 
 
 def save(manager, step, params, opt_state, meta):
-  """Saves one step and waits, so a reported step is really on disk."""
+  """Saves one step and waits, so a reported step is really on disk.
+  opt_state None: a params-only step (export_params), not a resume point."""
   if step in manager.all_steps():
     raise FileExistsError(f'checkpoint step {step} already exists in {manager.directory}; '
                           'refusing to overwrite it')
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(meta)))
+  items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+  if opt_state is not None:
+    items['opt_state'] = ocp.args.StandardSave(opt_state)
+  manager.save(step, args=ocp.args.Composite(**items))
   manager.wait_until_finished()
 
 
@@ -142,13 +143,8 @@ def export_params(src, dst, dtype='bfloat16'):
   r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
                                                     meta=ocp.args.JsonRestore()))
   cast = lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x
-  out = make_manager(dst, keep=1)
-  if step in out.all_steps():
-    raise FileExistsError(f'{out.directory}/{step} already exists; refusing to overwrite it')
-  out.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(jax.tree_util.tree_map(cast, r['params'])),
-      meta=ocp.args.JsonSave(dict(r['meta'] or {}, exported_dtype=str(dtype)))))
-  out.wait_until_finished()
+  save(make_manager(dst, keep=1), step, jax.tree_util.tree_map(cast, r['params']), None,
+       dict(r['meta'] or {}, exported_dtype=str(dtype)))
   return step
 
 
