@@ -14,8 +14,12 @@
 #          --config.data.image_size=128 --config.data.eval_examples=500
 # Env: TARGETS, RULES (eval.py --sweep settings), MIN_SPARSITY, JOINT_RULE, GATE_STEPS, JOINT_STEPS,
 # NUM_WORKERS (defaults below).
-#   FT_GPU=1 (MAIN_GPU=0): dense_ft runs on that GPU beside the gate and joint stages (the
-#     whole recipe at 256 px took ~39 minutes on one H100, over a machine's 30-minute hold).
+#   FT_GPU=1 (MAIN_GPU=0): the dense model's eval and dense_ft run on that GPU beside the
+#     gate and joint stages (the whole recipe at 256 px took ~39 minutes on one H100, over
+#     a machine's 30-minute hold). DENSE_GPUS=0,1 trains the dense model data-parallel on
+#     both (then pass --config.model.attention=cudnn: JAX's cuDNN attention carries
+#     partitioning rules for a sharded batch; no Pallas kernel here does, tokamax's untried).
+#   GATE_EVAL=0 skips the gate-only sweep (its curve); the joint stage then needs JOINT_RULE.
 #   SPARSE_DECODE=1: also scores the joint model with sparse decode steps
 #     (model.sparse.decode) under its rule, a reference row in the report.
 #   STAGES (default "dense dense_ft gate joint"): the stages to run, in that order; a
@@ -55,6 +59,7 @@ evaluate() {  # DIR CONFIG [flags]: the latest checkpoint in DIR, results in DIR
 sweep_flags() { for r in "${rules[@]}"; do echo "--sweep=$r"; done; }
 
 dense_ft() {  # [flags]: the fair baseline, from the dense checkpoint
+  need "$out/dense/checkpoints"
   phase dense_ft
   train "$out/dense_ft" "$config,joint" --config.model.sparse.enabled=False \
     --config.train.init_from="$out/dense" --config.train.total_steps="$joint_steps" "$@"
@@ -65,20 +70,29 @@ dense_ft() {  # [flags]: the fair baseline, from the dense checkpoint
 want() { [[ " ${STAGES:-dense dense_ft gate joint} " == *" $1 "* ]]; }
 need() { [ -e "$1" ] || { echo "missing $1: run the stage that writes it first (STAGES)"; exit 1; }; }
 
+dense_side() {  # [flags]: the dense model's eval, then dense_ft: all the dense stages after training
+  if want dense; then
+    phase "dense eval"
+    evaluate "$out/dense" "$config" "$@"
+  fi
+  if want dense_ft; then dense_ft "$@"; fi
+}
+
+[ "${GATE_EVAL:-1}" != 0 ] || [ -n "${JOINT_RULE:-}" ] || ! want joint \
+  || { echo "GATE_EVAL=0 leaves no sweep to pick the joint rule from: set JOINT_RULE"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 if want dense; then
   phase dense
-  train "$out/dense" "$config" --config.train.total_steps="$dense_steps" "$@"
-  evaluate "$out/dense" "$config" "$@"
+  # All visible GPUs, or MAIN_GPU alone where FT_GPU is set, unless DENSE_GPUS says.
+  gpus=${DENSE_GPUS:-${FT_GPU:+${MAIN_GPU:-0}}}
+  ( [ -z "$gpus" ] || export CUDA_VISIBLE_DEVICES=$gpus
+    train "$out/dense" "$config" --config.train.total_steps="$dense_steps" "$@" )
 fi
-if want dense_ft; then
-  need "$out/dense/checkpoints"
-  if [ -n "${FT_GPU:-}" ]; then   # two GPUs: dense_ft beside the gate and joint stages
-    CUDA_VISIBLE_DEVICES=$FT_GPU dense_ft "$@" &
-    export CUDA_VISIBLE_DEVICES=${MAIN_GPU:-0}
-  else
-    dense_ft "$@"
-  fi
+if [ -n "${FT_GPU:-}" ]; then   # two GPUs: the dense side beside the gate and joint stages
+  CUDA_VISIBLE_DEVICES=$FT_GPU dense_side "$@" &
+  export CUDA_VISIBLE_DEVICES=${MAIN_GPU:-0}
+else
+  dense_side "$@"
 fi
 
 first=${targets[0]}
@@ -87,20 +101,23 @@ if want gate; then
   phase "gate $first"
   train "$out/gate_$first" "$config,sparse" --config.train.init_from="$out/dense" \
     --config.model.sparse.target="$first" --config.train.total_steps="$gate_steps" "$@"
-  evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
-    $(sweep_flags) "$@"
+  if [ "${GATE_EVAL:-1}" != 0 ]; then
+    evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
+      $(sweep_flags) "$@"
+  fi
 fi
 
 if want joint; then
   need "$out/gate_$first/checkpoints"
   if [ -n "${JOINT_RULE:-}" ]; then   # one of RULES, e.g. threshold=0,coverage=0.5
     pick=$(python benchmarks/sparse_report.py name "$JOINT_RULE")
+    rule_flags=$(python benchmarks/sparse_report.py rule_flags "$JOINT_RULE")
   else
     pick=$(python benchmarks/sparse_report.py pick "${MIN_SPARSITY:-0.6}" "$out/gate_$first/eval")
+    rule_flags=$(python benchmarks/sparse_report.py flags "$out/gate_$first/eval/$pick/results.json")
   fi
   echo "$pick" > "$out/joint_rule"
   phase "joint ($pick)"
-  rule_flags=$(python benchmarks/sparse_report.py flags "$out/gate_$first/eval/$pick/results.json")
   train "$out/joint" "$config,sparse,joint" --config.train.init_from="$out/gate_$first" \
     --config.model.sparse.target="$first" --config.train.total_steps="$joint_steps" $rule_flags "$@"
   evaluate "$out/joint" "$config,sparse,joint" --config.model.sparse.target="$first" \

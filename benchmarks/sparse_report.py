@@ -6,6 +6,9 @@
       sparsity alone, never on accuracy
   python benchmarks/sparse_report.py flags RESULTS.json
       the --config.model.sparse.* flags of the rule a result was scored with
+  python benchmarks/sparse_report.py rule_flags RULE
+      the same flags for a rule as eval.py --sweep takes it (keys left out keep the
+      config's values)
   python benchmarks/sparse_report.py name RULE
       the sweep directory eval.py --sweep=RULE writes under
   python benchmarks/sparse_report.py report OUT_STEM --dense D.json --sparse S.json \
@@ -54,8 +57,9 @@ def pick(min_sparsity, eval_dir):
   return min(ok, key=lambda name: overall(ok[name]))
 
 
-def flags(path):
-  return ' '.join(f'--config.model.sparse.{k}={v}' for k, v in load(path)['selection'].items())
+def flags(selection):
+  """The --config.model.sparse.* flags of a selection rule (a dict)."""
+  return ' '.join(f'--config.model.sparse.{k}={v}' for k, v in selection.items())
 
 
 def compare(dense, sparse):
@@ -161,6 +165,8 @@ def main():
   p.add_argument('eval_dir')
   p = sub.add_parser('flags')
   p.add_argument('results')
+  p = sub.add_parser('rule_flags')
+  p.add_argument('rule')
   p = sub.add_parser('name')
   p.add_argument('rule')
   p = sub.add_parser('report')
@@ -174,10 +180,11 @@ def main():
   if args.command == 'pick':
     print(pick(args.min_sparsity, args.eval_dir))
   elif args.command == 'flags':
-    print(flags(args.results))
-  elif args.command == 'name':
+    print(flags(load(args.results)['selection']))
+  elif args.command in ('name', 'rule_flags'):
     from flashmm_jax.models import gate  # pylint: disable=g-import-not-at-top
-    print(gate.rule_name(gate.parse_rule(args.rule)))
+    rule = gate.parse_rule(args.rule)
+    print(gate.rule_name(rule) if args.command == 'name' else flags(rule))
   else:
     report(args.stem, args.dense, args.sparse, args.curve, args.reference, args.dense_label)
 

@@ -46,9 +46,22 @@ def test_pick_takes_the_densest_rule_reaching_the_sparsity(sweep_dir):
 
 def test_flags_name_the_rule_a_result_was_scored_with(sweep_dir):
   path = sweep_dir / 'threshold0.0_coverage0.6' / 'results.json'
-  assert sparse_report.flags(str(path)) == (
+  assert sparse_report.flags(sparse_report.load(str(path))['selection']) == (
       '--config.model.sparse.threshold=0.0 --config.model.sparse.top_k=0 '
       '--config.model.sparse.coverage=0.6')
+
+
+def test_cli_gives_a_rules_flags_and_sweep_directory(capsys, monkeypatch):
+  # The joint stage takes its rule from these when JOINT_RULE skips the gate's sweep.
+  for command, expected in (
+      ('rule_flags', '--config.model.sparse.threshold=0.0 --config.model.sparse.coverage=0.6'),
+      ('name', 'threshold0.0_coverage0.6')):
+    monkeypatch.setattr('sys.argv', ['sparse_report.py', command, 'threshold=0,coverage=0.6'])
+    sparse_report.main()
+    assert capsys.readouterr().out.strip() == expected
+  monkeypatch.setattr('sys.argv', ['sparse_report.py', 'rule_flags', 'coverage=0.6,k=3'])
+  with pytest.raises(ValueError, match="'k=3' must be KEY=VALUE"):
+    sparse_report.main()
 
 
 def test_report_compares_per_task_and_plots_the_curves(tmp_path, sweep_dir):

@@ -1,0 +1,45 @@
+"""benchmarks/sparse_accuracy_gpu.sh end to end on the CPU, at the tiny size: the
+stages hand each other checkpoints and rules, the dense side runs beside the sparse
+stages (FT_GPU), and the report compares joint against dense_ft."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RULES = 'threshold=0,coverage=0.6 threshold=0,coverage=0.5'
+FLAGS = ['--config.train.warmup_steps=1', '--config.train.batch_size=8',
+         '--config.data.eval_examples=2', '--config.eval.batch_size=8',
+         '--config.eval.max_decode_len=4']
+
+
+def recipe(out, **env):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', TARGETS='mass', RULES=RULES,
+             GATE_STEPS='2', JOINT_STEPS='2', NUM_WORKERS='0',
+             PATH=f'{pathlib.Path(sys.executable).parent}:{os.environ["PATH"]}', **env)
+  return subprocess.run(['bash', 'benchmarks/sparse_accuracy_gpu.sh', str(out),
+                         'configs/flash.py:tiny', '2', *FLAGS],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_recipe_with_a_fixed_rule_and_no_gate_sweep(tmp_path):
+  r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', GATE_EVAL='0', FT_GPU='0')
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert (tmp_path / 'joint_rule').read_text().strip() == 'threshold0.0_coverage0.6'
+  assert not (tmp_path / 'gate_mass' / 'eval').exists()      # GATE_EVAL=0
+  assert (tmp_path / 'dense' / 'eval' / 'results.json').exists()
+  joint = json.loads((tmp_path / 'joint' / 'eval' / 'threshold0.0_coverage0.6' /
+                      'results.json').read_text())
+  assert joint['selection']['coverage'] == 0.6 and joint['sparsity']['sparsity/overall'] > 0
+  report = json.loads((tmp_path / 'sparse_accuracy.json').read_text())
+  assert len(report['rows']) == 12
+  assert not list(tmp_path.glob('*/checkpoints'))             # removed at the end
+  assert (tmp_path / 'DONE').exists()
+
+
+def test_recipe_refuses_no_sweep_without_a_rule(tmp_path):
+  r = recipe(tmp_path, GATE_EVAL='0')
+  assert r.returncode != 0 and 'set JOINT_RULE' in r.stdout
+  assert not (tmp_path / 'dense').exists()   # refused before training anything
