@@ -10,7 +10,9 @@ r"""Restores a checkpoint and scores the 12-task suite.
 Writes DIR/eval/results.json and results.md (suffixed with the noise, if any).
 Each --sweep is one setting of the sparse gate's selection rule (keys of
 gate.SELECTION_KEYS) scored with the same trained gate; its results go to
-DIR/eval/<setting>/, e.g. DIR/eval/threshold0.0_coverage0.9/.
+DIR/eval/<setting>/, e.g. DIR/eval/threshold0.0_coverage0.9/. Threshold and
+coverage are the gate's state, so settings that differ only in their values share
+one compiled decoder; a new top_k (the tables' width) compiles anew.
 """
 
 from absl import app

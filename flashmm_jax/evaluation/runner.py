@@ -22,19 +22,22 @@ from flashmm_jax.evaluation import metrics
 from flashmm_jax.models import gate
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_new_tokens', 'eos_id'))
+def _decode(graphdef, state, image, text, prefix_len, max_new_tokens, eos_id):
+  run = lambda m: models.generate(m, image, text, prefix_len,
+                                  max_new_tokens=max_new_tokens, eos_id=eos_id)
+  tokens, captured = nnx.capture(run, nnx.Intermediate)(nnx.merge(graphdef, state))
+  return tokens, gate.layer_stats(captured)
+
+
 def make_decoder(model, max_new_tokens, eos_id):
   """A jitted (image, text, prefix_len) -> (tokens, gate stats) function over the
-  model's state; the stats (gate.layer_stats of the prefill) are {} for a dense model."""
+  model's state; the stats (gate.layer_stats of the prefill) are {} for a dense model.
+  One jitted function for every decoder: models with equal graphdefs (e.g. one
+  gate under a sweep of thresholds or coverages, which are state) share its compile."""
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def decode(state, image, text, prefix_len):
-    run = lambda m: models.generate(m, image, text, prefix_len,
-                                    max_new_tokens=max_new_tokens, eos_id=eos_id)
-    tokens, captured = nnx.capture(run, nnx.Intermediate)(nnx.merge(graphdef, state))
-    return tokens, gate.layer_stats(captured)
-
-  return functools.partial(decode, state)
+  return functools.partial(_decode, graphdef, state, max_new_tokens=max_new_tokens,
+                           eos_id=eos_id)
 
 
 def _add_stats(total, stats):

@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 
 from flashmm_jax import ops
 from flashmm_jax.models import layers
@@ -36,6 +37,13 @@ GATE_NAME = 'block_gate'
 # The config.model.sparse keys that only choose blocks: an eval can change them
 # on a trained gate (set_selection), unlike block sizes or the gate's width.
 SELECTION_KEYS = ('threshold', 'top_k', 'coverage')
+
+
+class SelectionValue(nnx.Variable):
+  """A gate's threshold or coverage: model state that is never trained (not an
+  nnx.Param) and not a static attribute, so a jitted caller takes it as an
+  argument and a sweep over it (eval.py --sweep) compiles once. top_k stays
+  static: it sets the tables' width."""
 
 
 def check_sparse_config(sp):
@@ -69,8 +77,10 @@ class BlockGate(nnx.Module):
     check_sparse_config(sp)
     _, param_dtype = layers.dtypes(cfg)
     self.block_sizes = bt.BlockSizes(sp.block_q, sp.block_k)
-    self.threshold, self.top_k = float(sp.threshold), int(sp.top_k)
-    self.coverage, self.target = float(sp.coverage), sp.target
+    self.threshold = SelectionValue(jnp.float32(sp.threshold))
+    self.coverage = SelectionValue(jnp.float32(sp.coverage))
+    self.top_k, self.target = int(sp.top_k), sp.target
+    self.use_coverage = sp.coverage > 0   # static: whether the top-p sort runs at all
     self.kernel, self.min_kv_blocks = sp.kernel, int(sp.min_kv_blocks)
     self.decode = sp.decode  # decode steps take the sparse path too
     self.decode_kernel = ops.sparse_attention.decode_implementation(sp.kernel)
@@ -115,8 +125,9 @@ class BlockGate(nnx.Module):
 
   def _keep(self, log_p, visible, forced):
     """The selection rule (threshold, top_k, coverage) on gate log-probs."""
-    return sg.select_blocks(jnp.exp(log_p), visible, forced, threshold=self.threshold,
-                            top_k=self.top_k, coverage=self.coverage)
+    return sg.select_blocks(jnp.exp(log_p), visible, forced, threshold=self.threshold[...],
+                            top_k=self.top_k,
+                            coverage=self.coverage[...] if self.use_coverage else 0.0)
 
   def select(self, q_raw, k_raw, mask, num_queries, num_keys):
     """Padded pre-rotary q, k -> (log-probs [B, Hkv, nQ, nK], visible tiles
@@ -203,15 +214,18 @@ def gates(model):
 
 def set_selection(model, **rule):
   """Changes the selection rule (threshold, top_k, coverage) of every gate, e.g.
-  to sweep it over one trained gate; jitted callers retrace (it is static)."""
+  to sweep it over one trained gate. Jitted callers take the new threshold and
+  coverage as arguments; a new top_k, or coverage turned on or off, retraces."""
   unknown = set(rule) - set(SELECTION_KEYS)
   if unknown:
     raise ValueError(f'selection keys {sorted(unknown)} unknown; valid: {SELECTION_KEYS}')
+  current = selection_rule(model)
   for g in gates(model):
-    merged = {key: rule.get(key, getattr(g, key)) for key in SELECTION_KEYS}
+    merged = {key: rule.get(key, current[key]) for key in SELECTION_KEYS}
     sg.check_rule(**merged)
-    g.threshold, g.top_k, g.coverage = (float(merged['threshold']), int(merged['top_k']),
-                                        float(merged['coverage']))
+    g.threshold.set_value(jnp.float32(merged['threshold']))
+    g.coverage.set_value(jnp.float32(merged['coverage']))
+    g.top_k, g.use_coverage = int(merged['top_k']), merged['coverage'] > 0
 
 
 def parse_rule(text, flag='rule'):
@@ -234,7 +248,12 @@ def rule_name(rule):
 def selection_rule(model):
   """The first gate's selection rule as a dict ({} for a dense model)."""
   found = gates(model)
-  return {key: getattr(found[0], key) for key in SELECTION_KEYS} if found else {}
+  if not found:
+    return {}
+  g = found[0]
+  # The shortest decimal of the float32 state: the value as it was set (0.3, not 0.30000001).
+  as_set = lambda v: float(str(np.float32(v[...])))
+  return {'threshold': as_set(g.threshold), 'top_k': g.top_k, 'coverage': as_set(g.coverage)}
 
 
 def set_distill(model, on):

@@ -214,8 +214,13 @@ def select_blocks(probs, visible, forced, *, threshold, top_k, coverage=0.0):
   same K/V tiles. visible is [B, nQ, nK]; forced a bool array broadcastable
   to [B, 1, nQ, nK]: static [nQ, nK] (forced_tiles) or per row [B, 1, nQ, nK]
   (forced_decode_blocks).
+  threshold and coverage may be scalar arrays (a gate's state, checked where
+  it was set): then they are arguments of a jitted caller, and an array
+  coverage always runs the top-p sort (a value of 0 keeps it off).
   """
-  check_rule(threshold, top_k, coverage)
+  numbers = (int, float)
+  if isinstance(threshold, numbers) and isinstance(coverage, numbers):
+    check_rule(threshold, top_k, coverage)
   visible = visible[:, None]
   p = jnp.where(visible, probs, 0.0)
   keep = p >= threshold * p.max(-1, keepdims=True)
@@ -224,7 +229,9 @@ def select_blocks(probs, visible, forced, *, threshold, top_k, coverage=0.0):
     score = jnp.where(visible & ~forced, p, -1.0)
     _, top = lax.top_k(score, min(top_k, n_k))
     keep &= jax.nn.one_hot(top, n_k, dtype=jnp.bool_).any(-2)
-  if coverage > 0:
+  if not isinstance(coverage, numbers):
+    keep &= _coverage_keep(p, forced & visible, coverage) | (coverage <= 0)
+  elif coverage > 0:
     keep &= _coverage_keep(p, forced & visible, coverage)
   return (keep | forced) & visible
 

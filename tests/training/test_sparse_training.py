@@ -127,13 +127,18 @@ def test_selection_rule_can_be_swept_on_one_gate(gate_run):
   c, t, _ = gate_run
   model = t.model()
   tokenizer = tokenizer_lib.get_tokenizer(c.data.tokenizer)
-  sparsity = {}
-  for rule in (dict(threshold=0.0, coverage=0.0), dict(threshold=0.0, coverage=0.3)):
+  sparsity, compiles = {}, {}
+  for rule in (dict(threshold=0.0, coverage=0.0), dict(threshold=0.0, coverage=0.3),
+               dict(threshold=0.0, coverage=0.6)):
     gate.set_selection(model, **rule)
     results = runner.evaluate(model, c, tokenizer)
     assert results['selection'] == dict(rule, top_k=0)
     sparsity[rule['coverage']] = results['sparsity']['sparsity/overall']
-  assert sparsity[0.0] == 0.0 < sparsity[0.3]   # everything visible vs the top 30%
+    compiles[rule['coverage']] = runner._decode._cache_size()  # pylint: disable=protected-access
+  # Everything visible; the top 30% of each row's mass; the top 60%.
+  assert sparsity[0.0] == 0.0 < sparsity[0.6] < sparsity[0.3]
+  # Turning coverage on compiled anew; its value is state, so 0.6 reused 0.3's program.
+  assert compiles[0.3] == compiles[0.0] + 1 and compiles[0.6] == compiles[0.3]
   with pytest.raises(ValueError, match=r"selection keys \['block_q'\] unknown"):
     gate.set_selection(model, block_q=8)
   with pytest.raises(ValueError, match='coverage=2.0'):
