@@ -6,6 +6,9 @@
 # einshape==1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
 # typing-inspection==0.4.5 qwix==0.1.8 immutabledict==4.3.1.
 #   source benchmarks/device_prelude.sh && bash benchmarks/spine_gpu.sh ...
+# The H200 image has python3 (its JAX interpreter) and may lack a plain `python`.
+command -v python >/dev/null || { mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python \
+  && export PATH=/tmp/bin:$PATH; }
 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 # tokamax imports xprof (a profiler UI, ~89 MB with its dependencies) only for its own
 # benchmarking helpers, which we do not use: a stub module keeps `import tokamax` working.

@@ -17,8 +17,7 @@
 #   FT_GPU=1 (MAIN_GPU=0): the dense model's eval and dense_ft run on that GPU beside the
 #     gate and joint stages (the whole recipe at 256 px took ~39 minutes on one H100, over
 #     a machine's 30-minute hold). DENSE_GPUS=0,1 trains the dense model data-parallel on
-#     both (then pass --config.model.attention=cudnn: JAX's cuDNN attention carries
-#     partitioning rules for a sharded batch; no Pallas kernel here does, tokamax's untried).
+#     both (not yet timed on GPUs: the grain workers must then feed twice the rate).
 #   GATE_EVAL=0 skips the gate-only sweep (its curve); the joint stage then needs JOINT_RULE.
 #   SPARSE_DECODE=1: also scores the joint model with sparse decode steps
 #     (model.sparse.decode) under its rule, a reference row in the report.

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from flashmm_jax.ops import partition
 from flashmm_jax.ops import registry
 
 _REGISTRY = registry.Registry('attention')
@@ -100,17 +101,24 @@ def _cudnn(q, k, v, mask):
 def _tokamax(q, k, v, mask):
   """tokamax's dot_product_attention (its FA3-style Mosaic kernel on Hopper).
 
-  Like cuDNN it has no prefix-LM mask: causal masks go in as a dense mask.
+  Like cuDNN it has no prefix-LM mask: causal masks go in as a dense mask. A
+  Pallas kernel, so it runs per device shard (ops.partition).
   """
   try:
     import tokamax  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise NotImplementedError("attention implementation 'tokamax' needs the tokamax "
                               'package (pip install tokamax)') from e
-  if not mask.causal:
-    return tokamax.dot_product_attention(
-        q, k, v, key_value_seq_lengths=jnp.asarray(mask.kv_len, jnp.int32))
-  return tokamax.dot_product_attention(q, k, v, mask=mask.dense(q.shape[1], k.shape[1])[:, None])
+
+  def run(q, k, v, mask):
+    if not mask.causal:
+      return tokamax.dot_product_attention(
+          q, k, v, key_value_seq_lengths=jnp.asarray(mask.kv_len, jnp.int32))
+    return tokamax.dot_product_attention(q, k, v,
+                                         mask=mask.dense(q.shape[1], k.shape[1])[:, None])
+
+  return partition.per_shard(run, (q, k, v, mask), (partition.Q, partition.KV, partition.KV,
+                                                    partition.PER_ROW), partition.Q)
 
 
 def _tokamax_fits(q, k, mask):

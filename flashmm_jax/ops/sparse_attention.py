@@ -9,11 +9,13 @@ which (query block, key block) tiles are computed at all.
 Every implementation has the signature
   fn(q, k, v, mask, tables, block_sizes) -> [B, T, Hq, D]
 with q [B, T, Hq, D], k/v [B, S, Hkv, D], tables a `BlockTables` whose kv
-head axis is Hkv, and T, S multiples of the block sizes.
+head axis is Hkv, and T, S multiples of the block sizes. Under a mesh of
+several devices each kernel runs on its device's rows and heads (ops.partition).
 """
 
 import jax
 
+from flashmm_jax.ops import partition
 from flashmm_jax.ops import registry
 from pallas_kernels.sparse_attention import block_tables as bt
 from pallas_kernels.sparse_attention import decode
@@ -54,7 +56,11 @@ def sparse_attend(q, k, v, mask, tables, *, block_sizes, implementation='auto'):
   ignored); decode steps against a cache have their own kernel.
   """
   check_inputs(q, k, v, mask, tables, block_sizes)
-  return get(implementation)(q, k, v, mask, tables, block_sizes)
+  fn = get(implementation)
+  return partition.per_shard(
+      lambda q, k, v, mask, tables: fn(q, k, v, mask, tables, block_sizes),
+      (q, k, v, mask, tables), (partition.Q, partition.KV, partition.KV, partition.PER_ROW,
+                                partition.PER_KV_HEAD), partition.Q)
 
 
 @register('reference')
@@ -143,8 +149,11 @@ def sparse_decode(q, k_cache, v_cache, mask, kv_ids, kv_count, *, block_k,
   if k_cache.shape[1] % block_k:
     raise ValueError(f'sparse_decode: cache length {k_cache.shape[1]} must be a '
                      f'multiple of {block_k=}')
-  return _DECODE.get(implementation)(q, k_cache, v_cache, mask, kv_ids, kv_count,
-                                     block_k)
+  fn = _DECODE.get(implementation)
+  return partition.per_shard(
+      lambda *args: fn(*args, block_k), (q, k_cache, v_cache, mask, kv_ids, kv_count),
+      (partition.Q, partition.KV, partition.KV, partition.PER_ROW, partition.PER_KV_HEAD,
+       partition.PER_KV_HEAD), partition.Q)
 
 
 @_DECODE.register('reference')
@@ -200,8 +209,11 @@ def sparse_decode_scored(q, k_cache, v_cache, mask, scores, cutoff, *, block_k,
   """
   decode.check_scored_inputs(q, k_cache, v_cache, scores, cutoff, block_k=block_k,
                              rule=rule)
-  return _DECODE_SCORED.get(implementation)(q, k_cache, v_cache, mask, scores,
-                                            cutoff, block_k, rule)
+  fn = _DECODE_SCORED.get(implementation)
+  return partition.per_shard(
+      lambda *args: fn(*args, block_k, rule), (q, k_cache, v_cache, mask, scores, cutoff),
+      (partition.Q, partition.KV, partition.KV, partition.PER_ROW, partition.PER_KV_HEAD,
+       partition.PER_KV_HEAD), partition.Q)
 
 
 @_DECODE_SCORED.register('reference')
