@@ -134,6 +134,9 @@ def _triton(q, k, v, mask, tables, block_sizes):
 
 
 _DECODE = registry.Registry('sparse decode')
+# (q, k_cache, v_cache, mask, then two per-kv-head arrays: kv_ids/kv_count or scores/cutoff)
+_DECODE_LAYOUTS = (partition.Q, partition.KV, partition.KV, partition.PER_ROW,
+                   partition.PER_KV_HEAD, partition.PER_KV_HEAD)
 
 
 def sparse_decode(q, k_cache, v_cache, mask, kv_ids, kv_count, *, block_k,
@@ -150,10 +153,9 @@ def sparse_decode(q, k_cache, v_cache, mask, kv_ids, kv_count, *, block_k,
     raise ValueError(f'sparse_decode: cache length {k_cache.shape[1]} must be a '
                      f'multiple of {block_k=}')
   fn = _DECODE.get(implementation)
-  return partition.per_shard(
-      lambda *args: fn(*args, block_k), (q, k_cache, v_cache, mask, kv_ids, kv_count),
-      (partition.Q, partition.KV, partition.KV, partition.PER_ROW, partition.PER_KV_HEAD,
-       partition.PER_KV_HEAD), partition.Q)
+  return partition.per_shard(lambda *args: fn(*args, block_k),
+                             (q, k_cache, v_cache, mask, kv_ids, kv_count), _DECODE_LAYOUTS,
+                             partition.Q)
 
 
 @_DECODE.register('reference')
@@ -210,10 +212,9 @@ def sparse_decode_scored(q, k_cache, v_cache, mask, scores, cutoff, *, block_k,
   decode.check_scored_inputs(q, k_cache, v_cache, scores, cutoff, block_k=block_k,
                              rule=rule)
   fn = _DECODE_SCORED.get(implementation)
-  return partition.per_shard(
-      lambda *args: fn(*args, block_k, rule), (q, k_cache, v_cache, mask, scores, cutoff),
-      (partition.Q, partition.KV, partition.KV, partition.PER_ROW, partition.PER_KV_HEAD,
-       partition.PER_KV_HEAD), partition.Q)
+  return partition.per_shard(lambda *args: fn(*args, block_k, rule),
+                             (q, k_cache, v_cache, mask, scores, cutoff), _DECODE_LAYOUTS,
+                             partition.Q)
 
 
 @_DECODE_SCORED.register('reference')
