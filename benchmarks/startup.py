@@ -15,6 +15,7 @@ a run cut short keeps what it finished. Timing only: nothing here is a test.
 
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -23,9 +24,10 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from flashmm_jax.data import pipeline
-from flashmm_jax.training import sharding
-from flashmm_jax.training import trainer as trainer_lib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashmm_jax.data import pipeline  # noqa: E402
+from flashmm_jax.training import sharding  # noqa: E402
+from flashmm_jax.training import trainer as trainer_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file and variant.')
 _ATTENTIONS = flags.DEFINE_list('attentions', ['auto'], 'config.attention values to time')
