@@ -43,3 +43,11 @@ def test_recipe_refuses_no_sweep_without_a_rule(tmp_path):
   r = recipe(tmp_path, GATE_EVAL='0')
   assert r.returncode != 0 and 'set JOINT_RULE' in r.stdout
   assert not (tmp_path / 'dense').exists()   # refused before training anything
+
+
+def test_poll_on_a_machine_without_the_job_says_so_at_once(tmp_path):
+  # A poll that lands on a fresh device machine must not wait out its seconds.
+  r = subprocess.run(['bash', 'benchmarks/device_poll.sh', str(tmp_path / 'gone'),
+                      str(tmp_path / 'gone.log'), '600', str(tmp_path)],
+                     cwd=ROOT, capture_output=True, text=True, timeout=30)
+  assert r.returncode == 1 and 'no job here' in r.stdout
