@@ -116,9 +116,11 @@ def model_config(family, size):
   #   decode: decode steps against the KV cache are sparse too (the gate scores
   #     the new token against per-block key statistics kept in the cache);
   #     off by default: the measured recipes decode densely.
+  #   dense_text: the query tiles holding text (prompt and answer, after the image
+  #     tokens) keep every key block; only the image's rows are pruned.
   c.sparse = dict(enabled=False, kernel='auto', block_q=128, block_k=64, threshold=0.3,
                   top_k=0, coverage=0.0, target='peak', gate_dim=64, min_kv_blocks=2,
-                  decode=False)
+                  decode=False, dense_text=False)
   return c
 
 

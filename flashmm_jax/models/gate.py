@@ -53,8 +53,12 @@ def check_sparse_config(sp):
   if sp.gate_dim < 2 or sp.gate_dim % 2:
     raise ValueError(f'config.model.sparse.gate_dim={sp.gate_dim} must be even (rotary pairs)')
   sg.check_rule(sp.threshold, sp.top_k, sp.coverage, where='config.model.sparse.')
-  if not isinstance(sp.decode, bool):
-    raise ValueError(f'config.model.sparse.decode={sp.decode!r} must be True or False')
+  for key in ('decode', 'dense_text'):
+    if not isinstance(sp.get(key, False), bool):
+      raise ValueError(f'config.model.sparse.{key}={sp[key]!r} must be True or False')
+  if sp.decode and sp.get('dense_text', False):
+    raise ValueError('config.model.sparse.decode and dense_text are both True: decode steps '
+                     'are text, which dense_text keeps dense; set one of them')
   if sp.target not in sg.TARGETS:
     raise ValueError(f'config.model.sparse.target={sp.target!r} must be one of {sg.TARGETS}')
   ops.sparse_attention.get(sp.kernel)  # unknown kernel names fail here
@@ -87,6 +91,9 @@ class BlockGate(nnx.Module):
     self.rope_base, self.head_dim, self.num_kv_heads = rope_base, head_dim, num_kv_heads
     self.group = num_heads // num_kv_heads
     self.distill = False  # set by the train step when the KL is in the loss
+    # First position whose query tiles keep every key block (None: none do); set
+    # by the model that knows where its text starts (set_dense_from).
+    self.dense_from = None
     init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
                                              in_axis=1, out_axis=2, batch_axis=(0,))
     self.q_proj = layers.param(rngs, init, (num_heads, head_dim, sp.gate_dim),
@@ -137,7 +144,7 @@ class BlockGate(nnx.Module):
     visible = sg.visible_tiles(mask, num_queries, num_keys, n_q, n_k, bs)
     log_p = self.log_probs(jax.lax.stop_gradient(q_raw), jax.lax.stop_gradient(k_raw),
                            mask, visible, num_queries)
-    return log_p, visible, self._keep(log_p, visible, sg.forced_tiles(n_q, n_k, bs))
+    return log_p, visible, self._keep(log_p, visible, sg.forced_tiles(n_q, n_k, bs, self.dense_from))
 
   def attend(self, q_raw, k_raw, q, k, v, mask):
     """Sparse attention from position 0 (training or prefill): [B, T, Hq, D].
@@ -151,7 +158,7 @@ class BlockGate(nnx.Module):
     q_raw, q = (sg.pad_axis(x, 1, bs.block_q) for x in (q_raw, q))
     k_raw, k, v = (sg.pad_axis(x, 1, bs.block_k) for x in (k_raw, k, v))
     log_p, visible, selected = self.select(q_raw, k_raw, mask, t, s)
-    width = sg.table_width(*selected.shape[2:], bs, self.top_k)
+    width = sg.table_width(*selected.shape[2:], bs, self.top_k, self.dense_from)
     tables = bt.build_block_tables(selected, max_k=width)
     out = ops.sparse_attention.sparse_attend(q, k, v, mask, tables, block_sizes=bs,
                                              implementation=self.kernel)
@@ -254,6 +261,13 @@ def selection_rule(model):
   # The shortest decimal of the float32 state: the value as it was set (0.3, not 0.30000001).
   as_set = lambda v: float(str(np.float32(v[...])))
   return {'threshold': as_set(g.threshold), 'top_k': g.top_k, 'coverage': as_set(g.coverage)}
+
+
+def set_dense_from(model, position):
+  """Query tiles holding positions >= position keep every key block, in
+  training and prefill (None: the gate decides everywhere)."""
+  for g in gates(model):
+    g.dense_from = None if position is None else int(position)
 
 
 def set_distill(model, on):

@@ -7,6 +7,7 @@ from flax import nnx
 
 from flashmm_jax import ops
 from flashmm_jax.models import decoder
+from flashmm_jax.models import gate
 from flashmm_jax.models import layers
 from flashmm_jax.models import vision
 
@@ -64,6 +65,11 @@ class FlashMM(nnx.Module):
     self.vision = vision.VisionEncoder(cfg, image_size, rngs=rngs,
                                        shared_mlps=_shared_mlps(cfg, self.decoder))
     self.num_image_tokens = (image_size // cfg.vision.patch_size) ** 2
+    sparse = cfg.get('sparse')
+    if sparse is not None and sparse.get('dense_text', False):
+      # The text (prompt and answer) is ~5% of the sequence and what the answer
+      # is read from: only the image's query tiles are pruned.
+      gate.set_dense_from(self, self.num_image_tokens)
 
   def embed_image(self, image):
     """uint8 [B, n, n, 3] -> image tokens [B, N, lm width]."""

@@ -144,13 +144,18 @@ def _first_or_overlapping(q0, num_queries, k0, block_k):
   return ((k0 < q0 + num_queries) & (k0 + block_k > q0)) | (k0 == 0)
 
 
-def forced_tiles(n_q, n_k, block_sizes):
+def forced_tiles(n_q, n_k, block_sizes, dense_from=None):
   """bool [nQ, nK] (static): the first key block and the diagonal ones, those
   overlapping the query block's own positions. Kept whatever the gate says,
-  so every real query sees the attention sink and itself."""
+  so every real query sees the attention sink and itself. With dense_from, a
+  query block holding any position >= dense_from keeps every key block (the
+  element mask still hides what it must)."""
   bq, bk = block_sizes.block_q, block_sizes.block_k
-  return _first_or_overlapping(np.arange(n_q)[:, None] * bq, bq,
-                               np.arange(n_k)[None, :] * bk, bk)
+  q0 = np.arange(n_q)[:, None] * bq
+  forced = _first_or_overlapping(q0, bq, np.arange(n_k)[None, :] * bk, bk)
+  if dense_from is not None:
+    forced = forced | (q0 + bq > dense_from)
+  return forced
 
 
 def forced_decode_blocks(q_offset, num_new, n_k, block_k):
@@ -161,12 +166,13 @@ def forced_decode_blocks(q_offset, num_new, n_k, block_k):
   return _first_or_overlapping(q0, num_new, jnp.arange(n_k) * block_k, block_k)
 
 
-def table_width(n_q, n_k, block_sizes, top_k):
+def table_width(n_q, n_k, block_sizes, top_k, dense_from=None):
   """Static width of the kv tables: exact (nK) without a budget; else the
   budget plus the most forced blocks any query block has."""
   if top_k <= 0:
     return n_k
-  return int(min(n_k, top_k + forced_tiles(n_q, n_k, block_sizes).sum(-1).max()))
+  forced = forced_tiles(n_q, n_k, block_sizes, dense_from)
+  return int(min(n_k, top_k + forced.sum(-1).max()))
 
 
 def decode_table_width(n_k, num_new, block_k, top_k):

@@ -137,9 +137,34 @@ def test_sparse_prefill_matches_dense(dense):
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_dense_text_prunes_only_image_rows_so_one_layer_text_logits_are_dense():
+  # One LM layer: the text rows' keys are the embeddings themselves, so with
+  # every text query tile dense the text logits are the dense model's exactly.
+  def one_layer(config):
+    config.model.lm.depth = 1
+    return config
+
+  b = long_batch(tiny_config())
+  dense1 = build(one_layer(tiny_config()))
+  rule = dict(threshold=0.9, top_k=1, block_q=8, block_k=8)
+  pruned = with_dense_params(one_layer(sparse_config(**rule)), dense1)
+  text_dense = with_dense_params(one_layer(sparse_config(dense_text=True, **rule)), dense1)
+  assert {g.dense_from for g in gate.gates(text_dense)} == {text_dense.num_image_tokens}
+  want = forward(dense1, b)
+  logits, stats = captured_forward(text_dense, b)
+  np.testing.assert_allclose(logits, want, atol=2e-5)
+  # The image's rows were pruned all the same, less than without dense_text.
+  sparsity = lambda s: float(gate.sparsity_metrics(s)['sparsity/overall'])
+  pruned_logits, pruned_stats = captured_forward(pruned, b)
+  assert 0.0 < sparsity(stats) < sparsity(pruned_stats)
+  assert np.abs(pruned_logits - want).max() > 1e-3
+
+
 def test_bad_sparse_config_is_named():
   with pytest.raises(ValueError, match='gate_dim=7'):
     build(sparse_config(gate_dim=7))
+  with pytest.raises(ValueError, match='decode and dense_text are both True'):
+    build(sparse_config(decode=True, dense_text=True))
   with pytest.raises(ValueError, match="Unknown sparse attention implementation 'nope'"):
     build(sparse_config(kernel='nope'))
 

@@ -88,6 +88,17 @@ def test_forced_tiles_are_the_first_and_diagonal_blocks():
                                 [[1, 0], [1, 0], [1, 1], [1, 1]])
 
 
+def test_query_blocks_from_dense_from_keep_every_key_block():
+  bs = bt.BlockSizes(block_q=8, block_k=4)
+  # Position 12 lies in query block 1: it and every later block are dense.
+  np.testing.assert_array_equal(sg.forced_tiles(3, 6, bs, dense_from=12),
+                                [[1, 1, 0, 0, 0, 0], [1] * 6, [1] * 6])
+  np.testing.assert_array_equal(sg.forced_tiles(3, 6, bs, dense_from=16)[:2],
+                                sg.forced_tiles(3, 6, bs)[:2])
+  assert sg.table_width(3, 6, bs, top_k=1) == 4  # block 0, two diagonal ones, one more
+  assert sg.table_width(3, 6, bs, top_k=1, dense_from=16) == 6
+
+
 def _selection_inputs(seed=0):
   """(probs [3, 2, 4, 8], visible [3, 4, 8], forced [4, 8]) on a ragged prefix mask."""
   rng = np.random.default_rng(seed)
