@@ -19,3 +19,6 @@ if [ -n "$(ls .whl/tokamax-*.whl 2>/dev/null)" ] && ! python -c "import xprof" 2
       > /tmp/site/xprof/cli/tools.py
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# The lent multi-GPU hosts keep NVLink multicast off (it can take the shared GPUs out of
+# service): keep it off for every process started from here, whatever its environment.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -19,6 +19,10 @@
 #     a machine's 30-minute hold). DENSE_GPUS=0,1 trains the dense model data-parallel on
 #     both (not yet timed on GPUs: the grain workers must then feed twice the rate).
 #   GATE_EVAL=0 skips the gate-only sweep (its curve); the joint stage then needs JOINT_RULE.
+#   JOINT_FLAGS: flags for the joint stage and its evals alone (the recipe change under
+#     test, e.g. --config.model.sparse.dense_text=True); with ABLATE=1 (needs FT_GPU and
+#     JOINT_RULE) a second joint run without them, joint_ablated, trains on FT_GPU after
+#     dense_ft from the same gate, so one hold measures what they change.
 #   SPARSE_DECODE=1: also scores the joint model with sparse decode steps
 #     (model.sparse.decode) under its rule, a reference row in the report.
 #   STAGES (default "dense dense_ft gate joint"): the stages to run, in that order; a
@@ -26,6 +30,8 @@
 #     (each held at most 30 minutes): STAGES="dense dense_ft" KEEP_CHECKPOINTS=1 on the
 #     first, `ship_params.sh pack OUT/dense ...` and the results archive back, then
 #     STAGES="gate joint" on the second from the unpacked dense params and results (README).
+#   DENSE_GPUS=0,1 falls back to MAIN_GPU alone if the data-parallel run fails (it
+#     resumes from its last checkpoint).
 # Writes OUT/DONE when it ends, well or not (benchmarks/device_poll.sh waits for it).
 set -euo pipefail
 out=$1 config=$2 dense_steps=$3
@@ -37,7 +43,9 @@ workers="--config.data.num_workers=${NUM_WORKERS:-12}"
 # the same rule, and dense and dense_ft's, compile the same programs.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 gate_steps=${GATE_STEPS:-500} joint_steps=${JOINT_STEPS:-400}
+read -r -a joint_flags <<< "${JOINT_FLAGS:-}"
 mkdir -p "$out"
+rm -f "$out/DONE" "$out"/*.done   # a results archive unpacked here holds the last run's
 trap 'touch "$out/DONE"' EXIT
 
 phase() { echo "== $1 $(date +%T)"; }
@@ -66,85 +74,132 @@ dense_ft() {  # [flags]: the fair baseline, from the dense checkpoint
   phase "dense_ft done"
 }
 
+# DIR [flags]: the whole model trained from the first target's gate under the joint
+# rule ($pick, $rule_flags), then scored under every rule in RULES.
+joint() {
+  local dir=$1
+  shift
+  need "$out/gate_$first/checkpoints"
+  phase "$(basename "$dir") ($pick)"
+  train "$dir" "$config,sparse,joint" --config.train.init_from="$out/gate_$first" \
+    --config.model.sparse.target="$first" --config.train.total_steps="$joint_steps" $rule_flags "$@"
+  evaluate "$dir" "$config,sparse,joint" --config.model.sparse.target="$first" \
+    $(sweep_flags) "$@"
+}
+
 want() { [[ " ${STAGES:-dense dense_ft gate joint} " == *" $1 "* ]]; }
 need() { [ -e "$1" ] || { echo "missing $1: run the stage that writes it first (STAGES)"; exit 1; }; }
 
-dense_side() {  # [flags]: the dense model's eval, then dense_ft: all the dense stages after training
+gate_ready() {  # waits for the gate stage on the main GPU (its marker), or the recipe's end
+  until [ -e "$out/gate_$first.done" ]; do
+    [ ! -e "$out/DONE" ] || { echo "no gate checkpoint: the ablated joint run is skipped"; return 1; }
+    sleep 5
+  done
+}
+
+dense_side() {  # [flags]: the dense model's eval, dense_ft, then (ABLATE) joint_ablated
   if want dense; then
     phase "dense eval"
     evaluate "$out/dense" "$config" "$@"
   fi
   if want dense_ft; then dense_ft "$@"; fi
+  if [ -n "${ABLATE:-}" ] && want joint && gate_ready; then
+    joint "$out/joint_ablated" "$@"   # the flags of every run, without JOINT_FLAGS
+    touch "$out/joint_ablated.done"
+    phase "joint_ablated done"
+  fi
 }
 
 [ "${GATE_EVAL:-1}" != 0 ] || [ -n "${JOINT_RULE:-}" ] || ! want joint \
   || { echo "GATE_EVAL=0 leaves no sweep to pick the joint rule from: set JOINT_RULE"; exit 1; }
+[ -z "${ABLATE:-}" ] || { [ -n "${FT_GPU:-}" ] && [ -n "${JOINT_RULE:-}" ]; } \
+  || { echo "ABLATE=1 runs beside the joint stage: set FT_GPU and JOINT_RULE"; exit 1; }
+first=${targets[0]}
+if [ -n "${JOINT_RULE:-}" ]; then   # one of RULES, e.g. threshold=0,coverage=0.5
+  pick=$(python benchmarks/sparse_report.py name "$JOINT_RULE")
+  rule_flags=$(python benchmarks/sparse_report.py rule_flags "$JOINT_RULE")
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 if want dense; then
   phase dense
   # All visible GPUs, or MAIN_GPU alone where FT_GPU is set, unless DENSE_GPUS says.
   gpus=${DENSE_GPUS:-${FT_GPU:+${MAIN_GPU:-0}}}
   ( [ -z "$gpus" ] || export CUDA_VISIBLE_DEVICES=$gpus
-    train "$out/dense" "$config" --config.train.total_steps="$dense_steps" "$@" )
+    train "$out/dense" "$config" --config.train.total_steps="$dense_steps" "$@" ) \
+  || { [[ "${DENSE_GPUS:-}" == *,* ]] || exit 1
+       echo "dense on GPUs $DENSE_GPUS failed: again on GPU ${MAIN_GPU:-0}, from its last checkpoint"
+       CUDA_VISIBLE_DEVICES=${MAIN_GPU:-0} train "$out/dense" "$config" \
+         --config.train.total_steps="$dense_steps" "$@"; }
 fi
+side=
 if [ -n "${FT_GPU:-}" ]; then   # two GPUs: the dense side beside the gate and joint stages
   CUDA_VISIBLE_DEVICES=$FT_GPU dense_side "$@" &
+  side=$!
   export CUDA_VISIBLE_DEVICES=${MAIN_GPU:-0}
 else
   dense_side "$@"
 fi
 
-first=${targets[0]}
 if want gate; then
   need "$out/dense/checkpoints"
   phase "gate $first"
   train "$out/gate_$first" "$config,sparse" --config.train.init_from="$out/dense" \
     --config.model.sparse.target="$first" --config.train.total_steps="$gate_steps" "$@"
-  if [ "${GATE_EVAL:-1}" != 0 ]; then
-    evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
-      $(sweep_flags) "$@"
-  fi
+fi
+[ ! -e "$out/gate_$first/checkpoints" ] || touch "$out/gate_$first.done"
+if want gate && [ "${GATE_EVAL:-1}" != 0 ]; then
+  evaluate "$out/gate_$first" "$config,sparse" --config.model.sparse.target="$first" \
+    $(sweep_flags) "$@"
 fi
 
 if want joint; then
-  need "$out/gate_$first/checkpoints"
-  if [ -n "${JOINT_RULE:-}" ]; then   # one of RULES, e.g. threshold=0,coverage=0.5
-    pick=$(python benchmarks/sparse_report.py name "$JOINT_RULE")
-    rule_flags=$(python benchmarks/sparse_report.py rule_flags "$JOINT_RULE")
-  else
+  if [ -z "${JOINT_RULE:-}" ]; then  # the densest swept rule reaching MIN_SPARSITY
     pick=$(python benchmarks/sparse_report.py pick "${MIN_SPARSITY:-0.6}" "$out/gate_$first/eval")
     rule_flags=$(python benchmarks/sparse_report.py flags "$out/gate_$first/eval/$pick/results.json")
   fi
   echo "$pick" > "$out/joint_rule"
-  phase "joint ($pick)"
-  train "$out/joint" "$config,sparse,joint" --config.train.init_from="$out/gate_$first" \
-    --config.model.sparse.target="$first" --config.train.total_steps="$joint_steps" $rule_flags "$@"
-  evaluate "$out/joint" "$config,sparse,joint" --config.model.sparse.target="$first" \
-    $(sweep_flags) "$@"
+  joint "$out/joint" "$@" ${joint_flags[@]+"${joint_flags[@]}"}
   if [ -n "${SPARSE_DECODE:-}" ]; then   # optional: a failure here leaves the rest running
     phase "joint, sparse decode steps"
     EVAL_LOG="$out/joint.decode.eval.log" evaluate "$out/joint" "$config,sparse,joint" \
       --config.model.sparse.target="$first" $rule_flags --config.model.sparse.decode=True \
-      --out="$out/joint/eval_sparse_decode" "$@" || echo "sparse-decode eval failed"
+      --out="$out/joint/eval_sparse_decode" "$@" ${joint_flags[@]+"${joint_flags[@]}"} \
+      || echo "sparse-decode eval failed"
   fi
 fi
-wait   # for dense_ft on FT_GPU
 
 report() {  # once the dense_ft and joint stages' results are in OUT
   if [ ! -s "$out/dense_ft/eval/results.json" ] || [ ! -e "$out/joint_rule" ]; then
     echo "no report: it needs the dense_ft and joint stages' results in $out"
     return
   fi
-  local pick
+  local pick arm curves=()
   pick=$(cat "$out/joint_rule")
-  python benchmarks/sparse_report.py report "$out/sparse_accuracy" \
-    --dense "$out/dense_ft/eval/results.json" --sparse "$out/joint/eval/$pick/results.json" \
-    --dense_label "dense + ${joint_steps} steps (dense_ft, the fair baseline)" \
-    --curve "joint=$out/joint/eval" --reference "dense_${dense_steps}_steps=$out/dense/eval/results.json" \
-    $(d=$out/joint/eval_sparse_decode/results.json; [ -e "$d" ] && echo "--reference=joint_sparse_decode=$d") \
-    $(for t in "${targets[@]}"; do [ -d "$out/gate_$t/eval" ] && echo "--curve=gate_$t=$out/gate_$t/eval"; done)
+  local arms=(joint)   # the ablated run once its eval is complete
+  [ ! -e "$out/joint_ablated.done" ] || arms+=(joint_ablated)
+  for arm in "${arms[@]}"; do
+    [ ! -d "$out/$arm/eval" ] || curves+=("--curve=$arm=$out/$arm/eval")
+  done
+  for t in "${targets[@]}"; do
+    [ ! -d "$out/gate_$t/eval" ] || curves+=("--curve=gate_$t=$out/gate_$t/eval")
+  done
+  local d=$out/joint/eval_sparse_decode/results.json
+  [ ! -e "$d" ] || curves+=("--reference=joint_sparse_decode=$d")
+  for arm in "${arms[@]}"; do   # one table per joint run against dense_ft
+    [ -s "$out/$arm/eval/$pick/results.json" ] || continue
+    python benchmarks/sparse_report.py report "$out/sparse_accuracy${arm#joint}" \
+      --dense "$out/dense_ft/eval/results.json" --sparse "$out/$arm/eval/$pick/results.json" \
+      --dense_label "dense + ${joint_steps} steps (dense_ft, the fair baseline)" \
+      --reference "dense_${dense_steps}_steps=$out/dense/eval/results.json" "${curves[@]}"
+  done
 }
+# The report as soon as dense_ft's results are in; again once an ablated run has ended.
+while [ -n "$side" ] && kill -0 "$side" 2>/dev/null && [ ! -s "$out/dense_ft/eval/results.json" ]; do
+  sleep 5
+done
 report
+wait   # for the dense side on FT_GPU
+[ -z "${ABLATE:-}" ] || report
 if want gate; then
   for target in "${targets[@]:1}"; do  # further gate targets: gate-only curves
     phase "gate $target"

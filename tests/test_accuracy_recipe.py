@@ -1,6 +1,7 @@
 """benchmarks/sparse_accuracy_gpu.sh end to end on the CPU, at the tiny size: the
 stages hand each other checkpoints and rules, the dense side runs beside the sparse
-stages (FT_GPU), and the report compares joint against dense_ft."""
+stages (FT_GPU) and then an ablated joint run (ABLATE), and the reports compare each
+joint run against dense_ft."""
 
 import json
 import os
@@ -24,24 +25,36 @@ def recipe(out, **env):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_recipe_with_a_fixed_rule_and_no_gate_sweep(tmp_path):
-  r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', GATE_EVAL='0', FT_GPU='0')
+def test_recipe_with_a_fixed_rule_no_gate_sweep_and_an_ablated_joint_run(tmp_path):
+  (tmp_path / 'DONE').touch()  # left by an unpacked results archive: not this run's end
+  r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', GATE_EVAL='0', FT_GPU='0',
+             JOINT_FLAGS='--config.model.sparse.dense_text=True', ABLATE='1')
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert (tmp_path / 'joint_rule').read_text().strip() == 'threshold0.0_coverage0.6'
   assert not (tmp_path / 'gate_mass' / 'eval').exists()      # GATE_EVAL=0
   assert (tmp_path / 'dense' / 'eval' / 'results.json').exists()
-  joint = json.loads((tmp_path / 'joint' / 'eval' / 'threshold0.0_coverage0.6' /
+  sparsity = {}
+  for arm in ('joint', 'joint_ablated'):
+    got = json.loads((tmp_path / arm / 'eval' / 'threshold0.0_coverage0.6' /
                       'results.json').read_text())
-  assert joint['selection']['coverage'] == 0.6 and joint['sparsity']['sparsity/overall'] > 0
+    assert got['selection']['coverage'] == 0.6
+    sparsity[arm] = got['sparsity']['sparsity/overall']
+  # JOINT_FLAGS reached the joint run alone: dense text rows (3/4 of a tiny sequence).
+  assert 0 < sparsity['joint'] < sparsity['joint_ablated']
   report = json.loads((tmp_path / 'sparse_accuracy.json').read_text())
   assert len(report['rows']) == 12
+  assert {c['model'] for c in report['curves']} == {'joint', 'joint_ablated'}
+  ablated = json.loads((tmp_path / 'sparse_accuracy_ablated.json').read_text())
+  assert ablated['summary']['sparsity']['sparsity/overall'] == sparsity['joint_ablated']
   assert not list(tmp_path.glob('*/checkpoints'))             # removed at the end
   assert (tmp_path / 'DONE').exists()
 
 
-def test_recipe_refuses_no_sweep_without_a_rule(tmp_path):
+def test_recipe_refuses_what_it_cannot_run_before_training(tmp_path):
   r = recipe(tmp_path, GATE_EVAL='0')
   assert r.returncode != 0 and 'set JOINT_RULE' in r.stdout
+  r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', ABLATE='1')
+  assert r.returncode != 0 and 'set FT_GPU and JOINT_RULE' in r.stdout
   assert not (tmp_path / 'dense').exists()   # refused before training anything
 
 
