@@ -17,7 +17,7 @@
 #   FT_GPU=1 (MAIN_GPU=0): the dense model's eval and dense_ft run on that GPU beside the
 #     gate and joint stages (the whole recipe at 256 px took ~39 minutes on one H100, over
 #     a machine's 30-minute hold). DENSE_GPUS=0,1 trains the dense model data-parallel on
-#     both (not yet timed on GPUs: the grain workers must then feed twice the rate).
+#     both (8.0 steps/s at 256 px on two H200s, against 4.1 on one; docs/results.md).
 #   GATE_EVAL=0 skips the gate-only sweep (its curve); the joint stage then needs JOINT_RULE.
 #   JOINT_FLAGS: flags for the joint stage and its evals alone (the recipe change under
 #     test, e.g. --config.model.sparse.dense_text=True); with ABLATE=1 (needs FT_GPU and
