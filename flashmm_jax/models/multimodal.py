@@ -67,8 +67,8 @@ class FlashMM(nnx.Module):
     self.num_image_tokens = (image_size // cfg.vision.patch_size) ** 2
     sparse = cfg.get('sparse')
     if sparse is not None and sparse.get('dense_text', False):
-      # The text (prompt and answer) is ~5% of the sequence and what the answer
-      # is read from: only the image's query tiles are pruned.
+      # The text (prompt and answer) is what the answer is read from, and a few
+      # percent of a high-resolution sequence: only the image's query tiles are pruned.
       gate.set_dense_from(self, self.num_image_tokens)
 
   def embed_image(self, image):
