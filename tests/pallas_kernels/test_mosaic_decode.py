@@ -21,17 +21,19 @@ def _case(seed, b, hq, hkv, s, block_k, budgets):
   return q, kc, vc, ids, count
 
 
-@pytest.mark.parametrize('hq, hkv, splits, lens', [
-    (8, 2, 2, ((512, 300), (0, 0), (511, 299))),      # GQA 4, ragged, causal
-    (2, 2, 3, ((512, 448), (200, 0), (100, 447))),     # GQA 1, a prefix past the token
-    (8, 1, 1, ((257, 512), (0, 0), (256, 511))),       # GQA 8, one split
+@pytest.mark.parametrize('hq, hkv, splits, stages, lens', [
+    (8, 2, 2, 2, ((512, 300), (0, 0), (511, 299))),      # GQA 4, ragged, causal
+    (2, 2, 3, 2, ((512, 448), (200, 0), (100, 447))),     # GQA 1, a prefix past the token
+    (8, 1, 1, 2, ((257, 512), (0, 0), (256, 511))),       # GQA 8, one split
+    (8, 2, 2, 6, ((512, 300), (0, 0), (511, 299))),       # more slots than a split's blocks
 ])
-def test_matches_the_reference(hq, hkv, splits, lens):
+def test_matches_the_reference(hq, hkv, splits, stages, lens):
   budgets = [[3, 0][:hkv], [8, 1][:hkv]]              # an empty row, all blocks, one block
   q, kc, vc, ids, count = _case(0, 2, hq, hkv, 512, 64, budgets)
   lens = tuple(jnp.array(x) for x in lens)
   got = mosaic_gpu.sparse_decode(q, kc, vc, ids, count, *lens, block_k=64,
-                                 num_splits=splits, interpret=True)
+                                 num_splits=splits, interpret=True,
+                                 config=mosaic_gpu.Config(num_stages=stages))
   want = decode.sparse_decode_reference(q, kc, vc, ids, count, *lens, block_k=64)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              atol=2e-2, rtol=2e-2)
