@@ -144,7 +144,8 @@ class BlockGate(nnx.Module):
     visible = sg.visible_tiles(mask, num_queries, num_keys, n_q, n_k, bs)
     log_p = self.log_probs(jax.lax.stop_gradient(q_raw), jax.lax.stop_gradient(k_raw),
                            mask, visible, num_queries)
-    return log_p, visible, self._keep(log_p, visible, sg.forced_tiles(n_q, n_k, bs, self.dense_from))
+    forced = sg.forced_tiles(n_q, n_k, bs, self.dense_from)
+    return log_p, visible, self._keep(log_p, visible, forced)
 
   def attend(self, q_raw, k_raw, q, k, v, mask):
     """Sparse attention from position 0 (training or prefill): [B, T, Hq, D].
