@@ -19,12 +19,14 @@
 #     a machine's 30-minute hold). DENSE_GPUS=0,1 trains the dense model data-parallel on
 #     both (8.0 steps/s at 256 px on two H200s, against 4.1 on one; docs/results.md).
 #   GATE_EVAL=0 skips the gate-only sweep (its curve); the joint stage then needs JOINT_RULE.
-#   JOINT_FLAGS: flags for the joint stage and its evals alone (the recipe change under
-#     test, e.g. --config.model.sparse.dense_text=True); with ABLATE=1 (needs FT_GPU and
-#     JOINT_RULE) a second joint run without them, joint_ablated, trains on FT_GPU after
-#     dense_ft from the same gate, so one hold measures what they change.
+#   JOINT_FLAGS: flags for the joint stage and its evals alone (a recipe change under
+#     test); with ABLATE=1 (needs FT_GPU and JOINT_RULE) a second joint run,
+#     joint_ablated, with ABLATE_FLAGS in their place (e.g.
+#     --config.model.sparse.dense_text=False, the fourth run's recipe), trains on FT_GPU
+#     after dense_ft from the same gate, so one hold measures what the difference does.
 #   SPARSE_DECODE=1: also scores the joint model with sparse decode steps
-#     (model.sparse.decode) under its rule, a reference row in the report.
+#     (model.sparse.decode, and so dense_text off) under its rule, a reference row in
+#     the report.
 #   STAGES (default "dense dense_ft gate joint"): the stages to run, in that order; a
 #     stage needs the checkpoints of those before it in OUT. Split over two machines
 #     (each held at most 30 minutes): STAGES="dense dense_ft" KEEP_CHECKPOINTS=1 on the
@@ -44,6 +46,7 @@ workers="--config.data.num_workers=${NUM_WORKERS:-12}"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 gate_steps=${GATE_STEPS:-500} joint_steps=${JOINT_STEPS:-400}
 read -r -a joint_flags <<< "${JOINT_FLAGS:-}"
+read -r -a ablate_flags <<< "${ABLATE_FLAGS:-}"
 mkdir -p "$out"
 rm -f "$out/DONE" "$out"/*.done   # a results archive unpacked here holds the last run's
 trap 'touch "$out/DONE"' EXIT
@@ -104,7 +107,7 @@ dense_side() {  # [flags]: the dense model's eval, dense_ft, then (ABLATE) joint
   fi
   if want dense_ft; then dense_ft "$@"; fi
   if [ -n "${ABLATE:-}" ] && want joint && gate_ready; then
-    joint "$out/joint_ablated" "$@"   # the flags of every run, without JOINT_FLAGS
+    joint "$out/joint_ablated" "$@" ${ablate_flags[@]+"${ablate_flags[@]}"}
     touch "$out/joint_ablated.done"
     phase "joint_ablated done"
   fi
@@ -164,7 +167,7 @@ if want joint; then
     EVAL_LOG="$out/joint.decode.eval.log" evaluate "$out/joint" "$config,sparse,joint" \
       --config.model.sparse.target="$first" $rule_flags --config.model.sparse.decode=True \
       --out="$out/joint/eval_sparse_decode" "$@" ${joint_flags[@]+"${joint_flags[@]}"} \
-      || echo "sparse-decode eval failed"
+      --config.model.sparse.dense_text=False || echo "sparse-decode eval failed"
   fi
 fi
 

@@ -28,7 +28,7 @@ def recipe(out, **env):
 def test_recipe_with_a_fixed_rule_no_gate_sweep_and_an_ablated_joint_run(tmp_path):
   (tmp_path / 'DONE').touch()  # left by an unpacked results archive: not this run's end
   r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', GATE_EVAL='0', FT_GPU='0',
-             JOINT_FLAGS='--config.model.sparse.dense_text=True', ABLATE='1')
+             ABLATE_FLAGS='--config.model.sparse.dense_text=False', ABLATE='1')
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert (tmp_path / 'joint_rule').read_text().strip() == 'threshold0.0_coverage0.6'
   assert not (tmp_path / 'gate_mass' / 'eval').exists()      # GATE_EVAL=0
@@ -39,7 +39,8 @@ def test_recipe_with_a_fixed_rule_no_gate_sweep_and_an_ablated_joint_run(tmp_pat
                       'results.json').read_text())
     assert got['selection']['coverage'] == 0.6
     sparsity[arm] = got['sparsity']['sparsity/overall']
-  # JOINT_FLAGS reached the joint run alone: dense text rows (3/4 of a tiny sequence).
+  # The joint recipe keeps the text rows dense (3/4 of a tiny sequence); ABLATE_FLAGS
+  # reached the ablated run alone.
   assert 0 < sparsity['joint'] < sparsity['joint_ablated']
   report = json.loads((tmp_path / 'sparse_accuracy.json').read_text())
   assert len(report['rows']) == 12

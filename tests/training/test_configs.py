@@ -62,3 +62,5 @@ def test_sparse_flag_is_the_gate_recipe(variant):
   joint = flash.get_config(f'{variant},sparse,joint')
   assert joint.model.sparse.enabled and joint.train.trainable == 'all'
   assert joint.train.lr < c.train.lr   # the LM moves gently off its dense optimum
+  # The measured joint recipe: only the image's query tiles are pruned.
+  assert joint.model.sparse.dense_text and not c.model.sparse.dense_text

@@ -1,0 +1,112 @@
+"""Hardware counters of one sparse decode step's kernels, under Nsight Compute.
+
+Timed end to end, the sparse decode steps read the selected 35% of the cache at
+~2.1-2.3 TB/s against cuDNN's 3.66 over all of it (docs/results.md); the counters
+tell a kernel's own time and bandwidth from the glue around it. This runs each path of --paths once, after compiling and warming up outside the
+profiled range, so `ncu --profile-from-start off` sees only the kernels of one
+step. One ncu run a path keeps each path's kernels in its own report; then
+benchmarks/ncu_summary.py tabulates them (duration, DRAM throughput, occupancy):
+
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false  # else ncu saves all of JAX's pool a pass
+  for p in cudnn tables fused mosaic; do
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \\
+      --section WarpStateStats --section SchedulerStats -o $OUT/$p \\
+      python benchmarks/profile_decode.py --paths $p
+    ncu -i $OUT/$p.ncu-rep --page details --csv > $OUT/$p.csv
+  done
+  python benchmarks/ncu_summary.py $OUT/decode_profile cudnn=$OUT/cudnn.csv \\
+    tables=$OUT/tables.csv fused=$OUT/fused.csv mosaic=$OUT/mosaic.csv
+
+Paths: cudnn (dense decode), tables (the Triton table kernel), fused (the Triton
+kernel with the selection fused in), mosaic (the Mosaic kernel, --mosaic
+SPLITSxSTAGES). Tables and scores are made outside the profiled range, as the
+`_kernel` timings of benchmarks/attention.py make them; the glue a kernel needs
+around it (tiles, split tables, the splits' merge) is inside.
+"""
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import attention  # noqa: E402
+from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
+from pallas_kernels.sparse_attention import decode  # noqa: E402
+
+_BATCH = flags.DEFINE_integer('batch', 8, 'sequences')
+_CACHE = flags.DEFINE_integer('cache', 32768, 'cached positions per sequence')
+_BLOCK_K = flags.DEFINE_integer('block_k', 64, 'key block of the tables')
+_SPARSITY = flags.DEFINE_float('sparsity', 0.65, 'share of key blocks skipped')
+_MOSAIC = flags.DEFINE_string('mosaic', '4x4', 'Mosaic decode SPLITSxSTAGES')
+PATHS = ('cudnn', 'tables', 'fused', 'mosaic')
+_PATHS = flags.DEFINE_multi_enum('paths', list(PATHS), PATHS, 'the paths to profile')
+
+
+def _cudart():
+  """The CUDA runtime JAX loaded (cudaProfilerStart/Stop bound ncu's range)."""
+  names = [ctypes.util.find_library('cudart')]
+  for path in sys.path:
+    names += sorted(glob.glob(os.path.join(path, 'nvidia', 'cu*', 'lib', 'libcudart.so*')))
+    names += sorted(glob.glob(os.path.join(path, 'nvidia', 'cuda_runtime', 'lib',
+                                           'libcudart.so*')))
+  for name in filter(None, names):
+    try:
+      return ctypes.CDLL(name)
+    except OSError:
+      continue
+  raise RuntimeError('no libcudart found to start the profiled range')
+
+
+def main(_):
+  b, s, bk = _BATCH.value, _CACHE.value, _BLOCK_K.value
+  hq, hkv, d = attention._HEADS.value, attention._KV_HEADS.value, attention._HEAD_DIM.value
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.bfloat16)
+  kc = jax.random.normal(keys[1], (b, s, hkv, d), jnp.bfloat16)
+  vc = jax.random.normal(keys[2], (b, s, hkv, d), jnp.bfloat16)
+  kv_len = jnp.full((b,), s, jnp.int32)
+  offset = kv_len - 1
+  n_k = s // bk
+  budget = max(2, int(np.ceil((1 - _SPARSITY.value) * n_k)))
+  pooled = kc.reshape(b, n_k, bk, hkv, d).max(axis=2)
+  scores = attention.decode_scores(q, pooled)
+  forced = (jnp.arange(n_k) == 0) | (jnp.arange(n_k) == n_k - 1)
+  ids, count = bt.tables_from_scores(jnp.where(forced, jnp.inf, scores),
+                                     jnp.full(scores.shape[:-1], budget), budget)
+  cutoff = jnp.full(scores.shape[:-1], budget - 2, jnp.int32)
+  paths = {
+      'cudnn': (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn')), (q, kc, vc)),
+      'tables': (jax.jit(lambda q, k, v, i, c: decode.sparse_decode(
+          q, k, v, i, c, kv_len, kv_len * 0, offset, block_k=bk)), (q, kc, vc, ids, count)),
+      'fused': (jax.jit(lambda q, k, v, sc, cu: decode.sparse_decode_scored(
+          q, k, v, sc, cu, kv_len, kv_len * 0, offset, block_k=bk, rule='top_k')),
+                (q, kc, vc, scores, cutoff)),
+      'mosaic': (attention.mosaic_decode_kernel(_MOSAIC.value, kv_len, offset, bk),
+                 (q, kc, vc, ids, count)),
+  }
+  paths = {name: paths[name] for name in _PATHS.value}
+  for fn, args in paths.values():   # compile and warm up outside the profiled range
+    jax.block_until_ready(fn(*args))
+  cudart = _cudart()
+  cudart.cudaProfilerStart()
+  for name, (fn, args) in paths.items():
+    print(f'== {name}', flush=True)
+    jax.block_until_ready(fn(*args))
+  cudart.cudaProfilerStop()
+  print(f'kept {count[0, 0]} of {n_k} key blocks per row; K/V bytes read by the sparse '
+        f'paths: {2 * b * hkv * int(count[0, 0]) * bk * d * 2 / 1e6:.0f} MB, by cuDNN '
+        f'{2 * b * hkv * s * d * 2 / 1e6:.0f} MB')
+
+
+if __name__ == '__main__':
+  app.run(main)
