@@ -15,7 +15,9 @@
       [--curve LABEL=EVAL_DIR ...] [--reference LABEL=R.json ...] [--dense_label L]
 
 `report` writes OUT_STEM.json and OUT_STEM.md: accuracy of the dense and the
-sparse model per task, the difference in points, the sparse run's block
+sparse model per task, the difference in points (with its standard error,
+pairing the models example by example, where both results.json hold per-example
+scores), the sparse run's block
 sparsity (over the tiles the prefix-LM mask leaves visible, prefill of the
 eval batches) and attention FLOPs saved; each curve (one model scored under
 several selection rules) adds rows to a sparsity / accuracy table and a line
@@ -27,6 +29,8 @@ import glob
 import json
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,33 +66,61 @@ def flags(selection):
   return ' '.join(f'--config.model.sparse.{k}={v}' for k, v in selection.items())
 
 
+def paired_variance(task, d, s):
+  """Variance of the mean score difference on one task, pairing the two models'
+  per-example scores (results.json 'scores'; the eval split is fixed), or None
+  when either result predates them."""
+  if 'scores' not in d or 'scores' not in s:
+    return None
+  a, b = np.asarray(d['scores'], np.float64), np.asarray(s['scores'], np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f'task {task}: {a.size} dense and {b.size} sparse per-example scores; '
+                     'not the same eval split (config.data.eval_examples?)')
+  return float(np.var(b - a, ddof=1) / a.size) if a.size > 1 else 0.0
+
+
 def compare(dense, sparse):
-  rows = []
+  """Per task and overall: both models' scores, the difference in points and, where
+  both results hold per-example scores, its paired standard error (delta_se)."""
+  rows, variances = [], []
   for task, d in dense['tasks'].items():
     s = sparse['tasks'][task]
     sp = s.get('sparsity', {})
+    var = paired_variance(task, d, s)
+    variances.append(var)
     rows.append(dict(task=task, dense=d['score'], sparse=s['score'],
                      delta_points=100 * (s['score'] - d['score']),
+                     delta_se=None if var is None else 100 * var ** 0.5,
                      sparsity=sp.get('sparsity/overall'),
                      attn_flops_saved=sp.get('attn_flops_saved')))
+  # The mean over tasks of independent per-task differences.
+  mean_se = (None if None in variances
+             else 100 * sum(variances) ** 0.5 / len(variances))
   summary = dict(dense_mean=dense['mean'], sparse_mean=sparse['mean'],
-                 delta_points=100 * (sparse['mean'] - dense['mean']),
+                 delta_points=100 * (sparse['mean'] - dense['mean']), delta_se=mean_se,
                  sparsity=sparse.get('sparsity', {}), selection=sparse.get('selection'),
                  target=sparse.get('target'))
   return dict(rows=rows, summary=summary)
 
 
+def _delta(row):
+  se = row.get('delta_se')
+  return f"{row['delta_points']:+.1f}" + ('' if se is None else f' ± {se:.1f}')
+
+
 def markdown(report):
   pct = lambda x: '' if x is None else f'{100 * x:.1f}'
-  lines = ['| task | dense | sparse | delta (points) | block sparsity % | attn GFLOP saved |',
+  s = report['summary']
+  paired = s.get('delta_se') is not None
+  lines = [f"| task | dense | sparse | delta (points{', ± paired s.e.' if paired else ''}) "
+           '| block sparsity % | attn GFLOP saved |',
            '| --- | --- | --- | --- | --- | --- |']
   for r in report['rows']:
     saved = '' if r['attn_flops_saved'] is None else f"{r['attn_flops_saved'] / 1e9:.1f}"
     lines.append(f"| {r['task']} | {pct(r['dense'])} | {pct(r['sparse'])} | "
-                 f"{r['delta_points']:+.1f} | {pct(r['sparsity'])} | {saved} |")
-  s = report['summary']
+                 f"{_delta(r)} | {pct(r['sparsity'])} | {saved} |")
   lines.append(f"| **mean** | **{pct(s['dense_mean'])}** | **{pct(s['sparse_mean'])}** | "
-               f"**{s['delta_points']:+.1f}** | "
+               f"**{_delta(s)}** | "
                f"**{pct(s['sparsity'].get('sparsity/overall'))}** | |")
   layers = sorted(k for k in s['sparsity'] if k.startswith('sparsity/layer_'))
   if layers:

@@ -47,6 +47,8 @@ def test_eval_prints_and_writes_the_12_task_table(trained_workdir):
   scores = [t['score'] for t in results['tasks'].values()]
   assert all(0.0 <= s <= 1.0 for s in scores)
   assert results['mean'] == pytest.approx(sum(scores) / 12)
+  for t in results['tasks'].values():   # per example, for paired comparisons
+    assert len(t['scores']) == t['n'] and sum(t['scores']) / t['n'] == pytest.approx(t['score'])
   md = (workdir / 'eval' / 'results.md').read_text()
   assert '| **mean** |' in md and '| ct_lesion |' in md
   assert '| vqa_count |' in r.stdout

@@ -80,3 +80,26 @@ def test_report_compares_per_task_and_plots_the_curves(tmp_path, sweep_dir):
   md = (tmp_path / 'report.md').read_text()
   assert '| **mean** | **85.0** | **84.0** | **-1.0** | **68.0** |' in md
   assert (tmp_path / 'report.png').stat().st_size > 0
+
+
+def test_report_pairs_per_example_scores_for_a_standard_error(tmp_path):
+  def per_example(*tasks):
+    r = results([sum(t) / len(t) for t in tasks])
+    for task, scores in zip(TASKS, tasks):
+      r['tasks'][task].update(scores=list(scores), n=len(scores))
+    return r
+  dense = per_example([1, 1, 0, 0], [1, 1, 1, 1])
+  sparse = per_example([1, 0, 1, 0], [1, 1, 1, 0])
+  out = sparse_report.compare(dense, sparse)
+  # Task 1: differences 0, -1, 1, 0 -> var 2/3 (ddof 1), over 4 examples -> s.e. 0.408.
+  # Task 2: 0, 0, 0, -1 -> var 1/4, /4 -> 0.25. Mean over 2 tasks: sqrt(1/6 + 1/16) / 2.
+  assert [r['delta_se'] for r in out['rows']] == pytest.approx([40.82, 25.0], abs=0.01)
+  assert out['summary']['delta_se'] == pytest.approx(100 * (1 / 6 + 1 / 16) ** 0.5 / 2)
+  md = sparse_report.markdown(out)
+  assert 'delta (points, ± paired s.e.)' in md and '| vqa_color | 50.0 | 50.0 | +0.0 ± 40.8 |' in md
+  # Results from before per-example scores: no standard error, the same table otherwise.
+  assert sparse_report.compare(results([0.5, 1.0]), sparse)['summary']['delta_se'] is None
+  shorter = per_example([1, 0, 1], [1, 1, 1])
+  with pytest.raises(ValueError, match='task vqa_color: 4 dense and 3 sparse'):
+    sparse_report.compare(dense, shorter)
+

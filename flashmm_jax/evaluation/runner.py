@@ -48,7 +48,7 @@ def _add_stats(total, stats):
 
 
 def evaluate_task(decode, config, tokenizer, task, noise='', put=None):
-  """Returns (mean score, n, examples of (prediction, answer), summed gate stats)."""
+  """Returns (per-example scores, examples of (prediction, answer), summed gate stats)."""
   metric = tasks_lib.task_metric(task)
   scores, samples, stats = [], [], {}
   for batch in pipeline.eval_batches(config, tokenizer, task, noise=noise):
@@ -63,7 +63,7 @@ def evaluate_task(decode, config, tokenizer, task, noise='', put=None):
         scores.append(metrics.score(metric, prediction, answer))
         if len(samples) < 3:
           samples.append((prediction, answer))
-  return float(np.mean(scores)), len(scores), samples, stats
+  return scores, samples, stats
 
 
 def sparsity_summary(stats):
@@ -77,12 +77,16 @@ def evaluate(model, config, tokenizer, noise='', put=None):
   results, all_stats = {}, {}
   for task in pipeline.eval_tasks(config):
     t0 = time.perf_counter()
-    score, n, samples, stats = evaluate_task(decode, config, tokenizer, task, noise, put)
-    results[task] = {'score': score, 'metric': tasks_lib.task_metric(task), 'n': n}
+    scores, samples, stats = evaluate_task(decode, config, tokenizer, task, noise, put)
+    score = float(np.mean(scores))
+    # Per example too (the eval split is fixed): two models' results then pair up
+    # example by example, for the standard error of their difference (sparse_report).
+    results[task] = {'score': score, 'metric': tasks_lib.task_metric(task),
+                     'n': len(scores), 'scores': [float(x) for x in scores]}
     if stats:
       results[task]['sparsity'] = sparsity_summary(stats)
       all_stats = _add_stats(all_stats, stats)
-    logging.info('eval %-15s %.3f (n=%d, %.1fs) e.g. %s', task, score, n,
+    logging.info('eval %-15s %.3f (n=%d, %.1fs) e.g. %s', task, score, len(scores),
                  time.perf_counter() - t0, samples[:2])
   mean = float(np.mean([r['score'] for r in results.values()]))
   out = {'tasks': results, 'mean': mean, 'noise': noise}
