@@ -44,7 +44,7 @@ workers="--config.data.num_workers=${NUM_WORKERS:-12}"
 # One persistent compilation cache for every process: the evals of a model under
 # the same rule, and dense and dense_ft's, compile the same programs.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
-gate_steps=${GATE_STEPS:-500} joint_steps=${JOINT_STEPS:-400}
+gate_steps=${GATE_STEPS:-500} joint_steps=${JOINT_STEPS:-600}   # the joint config's 600
 read -r -a joint_flags <<< "${JOINT_FLAGS:-}"
 read -r -a ablate_flags <<< "${ABLATE_FLAGS:-}"
 mkdir -p "$out"
