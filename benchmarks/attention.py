@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import timing  # noqa: E402
 from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
+from pallas_kernels.sparse_attention import mosaic_gpu_backward  # noqa: E402
 from pallas_kernels.sparse_attention import decode  # noqa: E402
 from pallas_kernels.sparse_attention import reference  # noqa: E402
 from pallas_kernels.sparse_attention import triton  # noqa: E402
@@ -56,6 +57,14 @@ _CHECK = flags.DEFINE_bool('check', True, 'compare kernels with the reference fi
 _BASELINES = flags.DEFINE_list('baselines', ['cudnn', 'tokamax'], 'dense kernels to time')
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd', 'decode'], 'what to time')
 _BWD_SEQS = flags.DEFINE_list('bwd_seqs', ['4096', '16384'], 'sequence lengths of fwd+bwd')
+_BWD_CONFIGS = flags.DEFINE_list('bwd_configs', [], 'more ring depths of the Mosaic backward '
+                                 'to time at 65%, DQxDKV stages (mosaic_gpu_backward.Config; '
+                                 'the default is 2x2, dq fits up to 5 at block_k 64): keys '
+                                 'ours_s65_bwd<spec>')
+flags.register_validator(
+    'bwd_configs', lambda specs: all(
+        len(f := spec.split('x')) == 2 and all(x.isdigit() and int(x) >= 2 for x in f)
+        for spec in specs), '--bwd_configs: DQxDKV entries, each stage count >= 2 (e.g. 4x2)')
 _DECODE = flags.DEFINE_list('decode', ['1x8192', '8x8192', '1x32768', '8x32768'],
                             'decode batch x cache length')
 _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused decode to '
@@ -125,12 +134,22 @@ def make_inputs(seq, seed=0):
   return q, k, v
 
 
-def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None):
+def bwd_config(spec):
+  """mosaic_gpu_backward.Config of a DQxDKV spec, e.g. '4x2'."""
+  fields = spec.split('x')
+  if len(fields) != 2 or not all(f.isdigit() for f in fields):
+    raise ValueError(f'--bwd_configs entry {spec!r} is not DQxDKV (e.g. 4x2)')
+  return mosaic_gpu_backward.Config(*map(int, fields))
+
+
+def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
+              backward=mosaic_gpu_backward.Config()):
   """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts.
-  method: the tables' (default: the first of --select_method)."""
+  method: the tables' (default: the first of --select_method); backward: the
+  ring depths of the Mosaic backward (impl 'mosaic_vjp')."""
   visible = visible_tiles(seq, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
-  config = mosaic_gpu.Config(stages)
+  config = mosaic_gpu.Config(stages, backward)
   method = method or _SELECT_METHODS.value[0]
   select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k, method))
 
@@ -293,13 +312,16 @@ def bench_fwdbwd(seq, block_k, baselines):
       res['ms'][name] = time_ms(grad_fn(fn), q, k, v)
     except Exception as e:
       print(f'{name} fwd+bwd failed at {seq}: {type(e).__name__}: {str(e)[:300]}')
-  for sparsity in (0.0, 0.65):
-    name = 'ours_dense' if sparsity == 0 else f'ours_s{round(100 * sparsity)}'
-    run = sparse_fn(1.0 - sparsity, seq, 0, block_k, 2, impl='mosaic_vjp')[0]
+  runs = [('ours_dense', 0.0, '2x2'), ('ours_s65', 0.65, '2x2')]
+  runs += [(f'ours_s65_bwd{spec}', 0.65, spec) for spec in _BWD_CONFIGS.value]
+  for name, sparsity, spec in runs:
     try:
+      run = sparse_fn(1.0 - sparsity, seq, 0, block_k, 2, impl='mosaic_vjp',
+                      backward=bwd_config(spec))[0]
       res['ms'][name] = time_ms(grad_fn(run), q, k, v)
-    except Exception as e:
-      print(f'{name} fwd+bwd failed at {seq}: {type(e).__name__}: {str(e)[-300:]}')
+    except Exception as e:   # e.g. a ring that overflows shared memory: reported
+      res.setdefault('errors', {})[name] = f'{type(e).__name__}: {str(e)[-300:]}'
+      print(f'{name} fwd+bwd failed at {seq}: {res["errors"][name]}')
   dense = [res['ms'][n] for n in baselines if res['ms'].get(n)]
   res['best_dense_ms'] = min(dense) if dense else res['ms'].get('ours_dense')
   print(json.dumps(res))

@@ -42,8 +42,14 @@ M_INIT = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """num_stages: K/V shared-memory slots in flight (>= 2)."""
+  """num_stages: K/V shared-memory slots in flight (>= 2). backward: the ring
+  slots of the dq and dk/dv kernels behind sparse_attention's custom_vjp."""
   num_stages: int = 2
+  backward: mosaic_gpu_backward.Config = mosaic_gpu_backward.Config()
+
+  def __post_init__(self):
+    if self.num_stages < 2:
+      raise ValueError(f"mosaic Config.num_stages={self.num_stages} must be >= 2")
 
 
 def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):
@@ -370,11 +376,10 @@ def _attention_fwd(q, k, v, tables, kv_len, prefix_len, *static):
 
 def _attention_bwd(block_sizes, sm_scale, config, interpret, residuals, d_out):
   """The Mosaic dq and dk/dv kernels (mosaic_gpu_backward.py), from the lse."""
-  del config
   q, k, v, tables, kv_len, prefix_len, out, lse = residuals
   dq, dk, dv = mosaic_gpu_backward.backward(
       q, k, v, tables, kv_len, prefix_len, out, lse, d_out, block_sizes=block_sizes,
-      sm_scale=sm_scale, interpret=interpret)
+      sm_scale=sm_scale, config=config.backward, interpret=interpret)
   # Tables and lengths are integers: no cotangent.
   return dq, dk, dv, None, None, None
 

@@ -53,6 +53,11 @@ class Config:
   dq_stages: int = 2
   dkv_stages: int = 2
 
+  def __post_init__(self):
+    if min(self.dq_stages, self.dkv_stages) < 2:
+      raise ValueError(f"mosaic backward Config(dq_stages={self.dq_stages}, "
+                       f"dkv_stages={self.dkv_stages}): each must be >= 2")
+
 
 def _fully_visible(q_tile, k_block, kv_len, prefix_len, block_k):
   """Whether tile (query tile, key block) needs no element mask (broadcasts)."""

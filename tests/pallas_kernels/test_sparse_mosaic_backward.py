@@ -75,7 +75,8 @@ def _lse(x):
   return jax.nn.logsumexp(jnp.where(_visible(x), logits, -jnp.inf), axis=-1)
 
 
-def _grads(x, tables=None, out=None, lse=None, interpret=True):
+def _grads(x, tables=None, out=None, lse=None, interpret=True,
+           config=mosaic_gpu_backward.Config()):
   """(ours, reference's) (dq, dk, dv) for a random output cotangent."""
   f32 = lambda a: a.astype(jnp.float32)
   ref_out, vjp = jax.vjp(lambda q, k, v: reference(x, q, k, v), f32(x.q), f32(x.k), f32(x.v))
@@ -84,7 +85,7 @@ def _grads(x, tables=None, out=None, lse=None, interpret=True):
   lse = _lse(x) if lse is None else lse
   got = mosaic_gpu_backward.backward(
       x.q, x.k, x.v, x.tables if tables is None else tables, x.kv_len, x.prefix_len,
-      out, lse, d_out, block_sizes=x.block_sizes, interpret=interpret)
+      out, lse, d_out, block_sizes=x.block_sizes, config=config, interpret=interpret)
   return got, vjp(f32(d_out))
 
 
@@ -106,6 +107,30 @@ def test_grads_match_reference(name):
   seen = seen.reshape(seen.shape[0], hkv, -1, seen.shape[-1]).any(2)
   unseen = ~np.swapaxes(seen, 1, 2)                          # [B, S, Hkv]
   assert not np.any(dk[unseen]) and not np.any(dv[unseen]), 'dk/dv of unseen keys'
+
+
+def test_deeper_dq_ring_computes_the_same_grads():
+  """More dq ring slots (the knob benchmarks/attention.py --bwd_configs sweeps) only
+  change when blocks arrive, not the order they are summed in: identical grads,
+  also where a tile lists fewer blocks than there are slots."""
+  x = _inputs(CASES['causal_all_blocks_gqa4_bk64'])
+  base, _ = _grads(x)
+  deep, _ = _grads(x, config=mosaic_gpu_backward.Config(dq_stages=5))
+  for n, a, b in zip('qkv', base, deep):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), f'd{n}')
+
+
+def test_configs_refuse_rings_of_one_slot():
+  with pytest.raises(ValueError, match='dq_stages=1, dkv_stages=2'):
+    mosaic_gpu_backward.Config(dq_stages=1)
+  with pytest.raises(ValueError, match='num_stages=1 must be >= 2'):
+    mosaic_gpu.Config(num_stages=1)
+  # The forward's config carries the backward's into the custom_vjp.
+  assert mosaic_gpu.Config(3, mosaic_gpu_backward.Config(4)).backward.dq_stages == 4
+  from benchmarks import attention as bench   # its --bwd_configs specs
+  assert bench.bwd_config('5x2') == mosaic_gpu_backward.Config(5, 2)
+  with pytest.raises(ValueError, match="'5' is not DQxDKV"):
+    bench.bwd_config('5')
 
 
 @pytest.mark.parametrize('block_k', [64, 128])
