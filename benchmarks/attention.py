@@ -342,26 +342,26 @@ def decode_scores(q, pooled):
   return jnp.einsum('bhd,bkhd->bhk', qp, pooled, preferred_element_type=jnp.float32)
 
 
-def fused_decode_step(q, k, v, pooled, kv_len, offset, *, budget, block_k,
+def fused_decode_step(q, k, v, pooled, kv_len, prefix_len, q_offset, *, budget, block_k,
                       interpret=False, **config):
   """One decode step with the selection fused into the kernel: the scores, then
   the kernel keeps the `budget` best blocks besides the first and the new
   tokens' itself (no top-k, sort or tables). config: num_splits, num_stages."""
   scores = decode_scores(q, pooled)
   cutoff = jnp.full(scores.shape[:-1], budget, jnp.int32)
-  return decode.sparse_decode_scored(q, k, v, scores, cutoff, kv_len, kv_len * 0, offset,
+  return decode.sparse_decode_scored(q, k, v, scores, cutoff, kv_len, prefix_len, q_offset,
                                      block_k=block_k, rule='top_k', interpret=interpret,
                                      **config)
 
 
-def head_major_decode_args(q, k, v, pooled, kv_len, offset, *, hkv):
+def head_major_decode_args(q, k, v, pooled, kv_len, prefix_len, q_offset, *, hkv):
   """fused_decode_step's arguments with each kv head as its own batch row:
   q [B*Hkv, M, G, D], caches and pooled keys [B*Hkv, S, 1, D]."""
   b, m, hq, d = q.shape
   rows = lambda x: x.transpose(0, 2, 1, 3).reshape(b * hkv, x.shape[1], 1, d)
   q = q.reshape(b, m, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b * hkv, m, -1, d)
   each = lambda x: jnp.repeat(x, hkv)
-  return q, rows(k), rows(v), rows(pooled), each(kv_len), each(offset)
+  return q, rows(k), rows(v), rows(pooled), each(kv_len), each(prefix_len), each(q_offset)
 
 
 def decode_config(spec):
@@ -385,11 +385,12 @@ def mosaic_decode(*args, num_stages=2, **kw):
   return mosaic_gpu.sparse_decode(*args, config=mosaic_gpu.Config(num_stages), **kw)
 
 
-def mosaic_decode_kernel(spec, kv_len, offset, block_k):
-  """jitted (q, k, v, ids, count) -> mosaic_gpu.sparse_decode at SPLITSxSTAGES."""
+def mosaic_decode_kernel(spec, block_k):
+  """jitted (q, k, v, ids, count, kv_len, prefix_len, q_offset) ->
+  mosaic_gpu.sparse_decode at SPLITSxSTAGES."""
   config = decode_config(spec)
-  return jax.jit(lambda q, k, v, ids, count: mosaic_decode(
-      q, k, v, ids, count, kv_len, kv_len * 0, offset, block_k=block_k, **config))
+  return jax.jit(lambda q, k, v, ids, count, *lens: mosaic_decode(
+      q, k, v, ids, count, *lens, block_k=block_k, **config))
 
 
 def bench_decode(batch, cache, block_k=64, new=1):
@@ -398,19 +399,21 @@ def bench_decode(batch, cache, block_k=64, new=1):
   (the same number of blocks: block 0, the last one, and the best others).
   `_kernel`: the kernel alone (tables / scores made outside the timing; its
   split merge inside). tbps: the K/V bytes a key reads (all of the cache, or
-  the 35% of it at s65) over its time, TB/s."""
+  the 35% of it at s65) over its time, TB/s. The lengths (kv_len, prefix_len,
+  q_offset) are arguments of every timed function, as in a model's decode step:
+  closed over, XLA would rebuild each as a broadcast kernel in every call."""
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   hq, hkv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
   q = jax.random.normal(keys[0], (batch, new, hq, d), jnp.bfloat16)
   kc = jax.random.normal(keys[1], (batch, cache, hkv, d), jnp.bfloat16)
   vc = jax.random.normal(keys[2], (batch, cache, hkv, d), jnp.bfloat16)
   kv_len = jnp.full((batch,), cache, jnp.int32)
-  offset = kv_len - new
+  lens = (kv_len, jnp.zeros_like(kv_len), kv_len - new)   # kv_len, prefix_len, q_offset
   n_k = cache // block_k
   res = dict(batch=batch, cache=cache, block_k=block_k, ms={})
-  dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+  dense = jax.jit(lambda q, k, v, kv_len: jax.nn.dot_product_attention(
       q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn'))
-  res['ms']['cudnn'] = time_ms(dense, q, kc, vc)
+  res['ms']['cudnn'] = time_ms(dense, q, kc, vc, kv_len)
   res['ms']['xla'] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, implementation='xla')), q, kc, vc)
 
@@ -430,12 +433,12 @@ def bench_decode(batch, cache, block_k=64, new=1):
     return run
 
   def table_kernel(**config):
-    return jax.jit(lambda q, k, v, ids, count: decode.sparse_decode(
-        q, k, v, ids, count, kv_len, kv_len * 0, offset, block_k=block_k, **config))
+    return jax.jit(lambda q, k, v, ids, count, *lens: decode.sparse_decode(
+        q, k, v, ids, count, *lens, block_k=block_k, **config))
 
   def sparse(budget, method=_SELECT_METHODS.value[0], **config):
     tables, kernel = select(budget, method), table_kernel(**config)
-    return jax.jit(lambda q, k, v, kp: kernel(q, k, v, *tables(q, kp)))
+    return jax.jit(lambda q, k, v, kp, *lens: kernel(q, k, v, *tables(q, kp), *lens))
 
   budget = lambda sparsity: max(2, int(np.ceil((1 - sparsity) * n_k)))  # 2 forced in it
 
@@ -444,16 +447,15 @@ def bench_decode(batch, cache, block_k=64, new=1):
                                      block_k=block_k, **config))
 
   def fused_kernel(**config):
-    return jax.jit(lambda q, k, v, scores, cutoff: decode.sparse_decode_scored(
-        q, k, v, scores, cutoff, kv_len, kv_len * 0, offset, block_k=block_k,
-        rule='top_k', **config))
-  fused_args = (q, kc, vc, pooled, kv_len, offset)
+    return jax.jit(lambda q, k, v, scores, cutoff, *lens: decode.sparse_decode_scored(
+        q, k, v, scores, cutoff, *lens, block_k=block_k, rule='top_k', **config))
+  step_args = (q, kc, vc, pooled, *lens)   # the table and fused steps take the same
   steps = {}
   for sparsity in (0.0, 0.65):
     name = f's{round(100 * sparsity)}'
     steps[name] = sparse(budget(sparsity)), fused(sparsity)
-    res['ms'][f'ours_{name}'] = time_ms(steps[name][0], q, kc, vc, pooled)
-    res['ms'][f'ours_fused_{name}'] = time_ms(steps[name][1], *fused_args)
+    res['ms'][f'ours_{name}'] = time_ms(steps[name][0], *step_args)
+    res['ms'][f'ours_fused_{name}'] = time_ms(steps[name][1], *step_args)
   def timed(key, fn, *args):
     try:
       res['ms'][key] = time_ms(fn, *args)
@@ -462,7 +464,7 @@ def bench_decode(batch, cache, block_k=64, new=1):
       print(f'{key} failed at {batch}x{cache}: {res["errors"][key]}')
 
   for method in _SELECT_METHODS.value[1:]:   # the same tables, another way to build them
-    timed(f'ours_s65_{method}', sparse(budget(0.65), method), q, kc, vc, pooled)
+    timed(f'ours_s65_{method}', sparse(budget(0.65), method), *step_args)
   # The kernels alone at 65%, then each requested config, step and kernel alone.
   tables = select(budget(0.65))(q, pooled)
   scores = decode_scores(q, pooled)
@@ -470,35 +472,35 @@ def bench_decode(batch, cache, block_k=64, new=1):
   for suffix, config in [('', {})] + [(f'_{spec}', decode_config(spec))
                                       for spec in _DECODE_TABLES.value]:
     if suffix:
-      timed(f'ours_s65{suffix}', sparse(budget(0.65), **config), q, kc, vc, pooled)
-    timed(f'ours_s65{suffix}_kernel', table_kernel(**config), q, kc, vc, *tables)
+      timed(f'ours_s65{suffix}', sparse(budget(0.65), **config), *step_args)
+    timed(f'ours_s65{suffix}_kernel', table_kernel(**config), q, kc, vc, *tables, *lens)
   for suffix, config in [('', {})] + [(f'_{spec}', decode_config(spec))
                                       for spec in _DECODE_FUSED.value]:
     if suffix:
-      timed(f'ours_fused_s65{suffix}', fused(0.65, **config), *fused_args)
+      timed(f'ours_fused_s65{suffix}', fused(0.65, **config), *step_args)
     timed(f'ours_fused_s65{suffix}_kernel', fused_kernel(**config),
-          q, kc, vc, scores, cutoff)
+          q, kc, vc, scores, cutoff, *lens)
   # Both read the same blocks (ties go to the lower index in both), so they agree.
   tables_step, fused_step = steps['s65']
-  res['fused_vs_tables_rel_err'] = rel_err(fused_step(*fused_args),
-                                           tables_step(q, kc, vc, pooled))
+  tables_out = tables_step(*step_args)
+  res['fused_vs_tables_rel_err'] = rel_err(fused_step(*step_args), tables_out)
   for spec in _DECODE_MOSAIC.value:   # the same tables, streamed by TMA (one new token)
-    kernel = mosaic_decode_kernel(spec, kv_len, offset, block_k)
+    kernel = mosaic_decode_kernel(spec, block_k)
     selection = select(budget(0.65))
-    step = jax.jit(lambda q, k, v, kp, kernel=kernel, selection=selection:
-                   kernel(q, k, v, *selection(q, kp)))
-    timed(f'ours_mosaic_s65_{spec}', step, q, kc, vc, pooled)
-    timed(f'ours_mosaic_s65_{spec}_kernel', kernel, q, kc, vc, *tables)
+    step = jax.jit(lambda q, k, v, kp, *lens, kernel=kernel, selection=selection:
+                   kernel(q, k, v, *selection(q, kp), *lens))
+    timed(f'ours_mosaic_s65_{spec}', step, *step_args)
+    timed(f'ours_mosaic_s65_{spec}_kernel', kernel, q, kc, vc, *tables, *lens)
     if f'ours_mosaic_s65_{spec}' in res['ms']:
       res.setdefault('mosaic_vs_tables_rel_err', {})[spec] = rel_err(
-          step(q, kc, vc, pooled), tables_step(q, kc, vc, pooled))
+          step(*step_args), tables_out)
   # The same step over a head-major cache: each kv head's blocks contiguous in
   # memory (rows of D instead of a stride of Hkv * D), as kv-head batch rows.
-  head_major = head_major_decode_args(*fused_args, hkv=hkv)
+  head_major = head_major_decode_args(*step_args, hkv=hkv)
   res['ms']['ours_fused_s65_headmajor'] = time_ms(fused(0.65), *head_major)
   out_hm = fused_step(*head_major).reshape(batch, hkv, new, hq // hkv, d)
   res['headmajor_vs_tables_rel_err'] = rel_err(
-      out_hm.transpose(0, 2, 1, 3, 4).reshape(batch, new, hq, d), tables_step(q, kc, vc, pooled))
+      out_hm.transpose(0, 2, 1, 3, 4).reshape(batch, new, hq, d), tables_out)
   res['best_dense_ms'] = min(res['ms']['cudnn'], res['ms']['xla'])
   cache_bytes = 2 * kc.size * kc.dtype.itemsize
   read = lambda n: cache_bytes * (budget(0.65) / n_k if 's65' in n else 1.0)

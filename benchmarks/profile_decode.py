@@ -74,7 +74,7 @@ def main(_):
   kc = jax.random.normal(keys[1], (b, s, hkv, d), jnp.bfloat16)
   vc = jax.random.normal(keys[2], (b, s, hkv, d), jnp.bfloat16)
   kv_len = jnp.full((b,), s, jnp.int32)
-  offset = kv_len - 1
+  lens = (kv_len, jnp.zeros_like(kv_len), kv_len - 1)   # arguments, as attention.py's
   n_k = s // bk
   budget = max(2, int(np.ceil((1 - _SPARSITY.value) * n_k)))
   pooled = kc.reshape(b, n_k, bk, hkv, d).max(axis=2)
@@ -84,15 +84,15 @@ def main(_):
                                      jnp.full(scores.shape[:-1], budget), budget)
   cutoff = jnp.full(scores.shape[:-1], budget - 2, jnp.int32)
   paths = {
-      'cudnn': (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn')), (q, kc, vc)),
-      'tables': (jax.jit(lambda q, k, v, i, c: decode.sparse_decode(
-          q, k, v, i, c, kv_len, kv_len * 0, offset, block_k=bk)), (q, kc, vc, ids, count)),
-      'fused': (jax.jit(lambda q, k, v, sc, cu: decode.sparse_decode_scored(
-          q, k, v, sc, cu, kv_len, kv_len * 0, offset, block_k=bk, rule='top_k')),
-                (q, kc, vc, scores, cutoff)),
-      'mosaic': (attention.mosaic_decode_kernel(_MOSAIC.value, kv_len, offset, bk),
-                 (q, kc, vc, ids, count)),
+      'cudnn': (jax.jit(lambda q, k, v, kv_len: jax.nn.dot_product_attention(
+          q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn')), (q, kc, vc, kv_len)),
+      'tables': (jax.jit(lambda q, k, v, i, c, *lens: decode.sparse_decode(
+          q, k, v, i, c, *lens, block_k=bk)), (q, kc, vc, ids, count, *lens)),
+      'fused': (jax.jit(lambda q, k, v, sc, cu, *lens: decode.sparse_decode_scored(
+          q, k, v, sc, cu, *lens, block_k=bk, rule='top_k')),
+                (q, kc, vc, scores, cutoff, *lens)),
+      'mosaic': (attention.mosaic_decode_kernel(_MOSAIC.value, bk),
+                 (q, kc, vc, ids, count, *lens)),
   }
   paths = {name: paths[name] for name in _PATHS.value}
   for fn, args in paths.values():   # compile and warm up outside the profiled range

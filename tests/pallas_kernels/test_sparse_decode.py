@@ -328,8 +328,8 @@ def test_benchmark_fused_step_matches_reference():
   top-k, kernel) on a tiny cache, against the reference on the same scores."""
   q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[1], seed=5)   # no prefix
   pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
-  got = bench.fused_decode_step(q, k, v, pooled, lens['kv_len'], lens['q_offset'],
-                                budget=3, block_k=BLOCK_K, interpret=True)
+  got = bench.fused_decode_step(q, k, v, pooled, **lens, budget=3, block_k=BLOCK_K,
+                                interpret=True)
   want = decode.sparse_decode_scored_reference(
       q, k, v, bench.decode_scores(q, pooled), jnp.full((2, 1), 3), **lens,
       block_k=BLOCK_K, rule='top_k')
@@ -351,7 +351,7 @@ def test_benchmark_head_major_layout_is_the_same_step():
   same attention as the [B, S, Hkv, D] cache."""
   q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[3], seed=6)   # GQA 4, 2 kv heads
   pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
-  args = (q, k, v, pooled, lens['kv_len'], lens['q_offset'])
+  args = (q, k, v, pooled, lens['kv_len'], lens['prefix_len'], lens['q_offset'])
   step = lambda *a: bench.fused_decode_step(*a, budget=3, block_k=BLOCK_K, interpret=True)
   b, m, hq, d = q.shape
   hkv = k.shape[2]
