@@ -2,10 +2,11 @@
 
 Timed end to end, the sparse decode steps read the selected 35% of the cache at
 ~2.1-2.3 TB/s against cuDNN's 3.66 over all of it (docs/results.md); the counters
-tell a kernel's own time and bandwidth from the glue around it. This runs each path of --paths once, after compiling and warming up outside the
-profiled range, so `ncu --profile-from-start off` sees only the kernels of one
-step. One ncu run a path keeps each path's kernels in its own report; then
-benchmarks/ncu_summary.py tabulates them (duration, DRAM throughput, occupancy):
+tell a kernel's own time and bandwidth from the glue around it. This runs each
+path of --paths once, after compiling and warming up outside the profiled range,
+so `ncu --profile-from-start off` sees only the kernels of one step. One ncu run
+a path keeps each path's kernels in its own report; then benchmarks/ncu_summary.py
+tabulates them (duration, DRAM throughput, occupancy):
 
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # else ncu saves all of JAX's pool a pass
   for p in cudnn tables fused mosaic; do
