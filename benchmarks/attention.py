@@ -61,10 +61,20 @@ _BWD_CONFIGS = flags.DEFINE_list('bwd_configs', [], 'more ring depths of the Mos
                                  'to time at 65%, DQxDKV stages (mosaic_gpu_backward.Config; '
                                  'the default is 2x2, dq fits up to 5 at block_k 64): keys '
                                  'ours_s65_bwd<spec>')
-flags.register_validator(
-    'bwd_configs', lambda specs: all(
-        len(f := spec.split('x')) == 2 and all(x.isdigit() and int(x) >= 2 for x in f)
-        for spec in specs), '--bwd_configs: DQxDKV entries, each stage count >= 2 (e.g. 4x2)')
+
+
+def _parses(parse, specs):
+  """Whether parse (e.g. bwd_config) takes every spec: a flag validator."""
+  try:
+    for spec in specs:
+      parse(spec)
+  except ValueError:
+    return False
+  return True
+
+
+flags.register_validator('bwd_configs', lambda specs: _parses(bwd_config, specs),
+                         '--bwd_configs: DQxDKV entries, each stage count >= 2 (e.g. 4x2)')
 _DECODE = flags.DEFINE_list('decode', ['1x8192', '8x8192', '1x32768', '8x32768'],
                             'decode batch x cache length')
 _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused decode to '
@@ -393,22 +403,53 @@ def mosaic_decode_kernel(spec, block_k):
       q, k, v, ids, count, *lens, block_k=block_k, **config))
 
 
-def bench_decode(batch, cache, block_k=64, new=1):
-  """One decode step (new tokens of each GQA group) against a full cache:
-  `ours_s*` select through top-k and tables, `ours_fused_s*` inside the kernel
-  (the same number of blocks: block 0, the last one, and the best others).
-  `_kernel`: the kernel alone (tables / scores made outside the timing; its
-  split merge inside). tbps: the K/V bytes a key reads (all of the cache, or
-  the 35% of it at s65) over its time, TB/s. The lengths (kv_len, prefix_len,
-  q_offset) are arguments of every timed function, as in a model's decode step:
-  closed over, XLA would rebuild each as a broadcast kernel in every call."""
+def decode_inputs(batch, cache, new=1):
+  """Random q [B, new, Hq, D] and a full K/V cache [B, S, Hkv, D] (bf16), and
+  the lengths (kv_len, prefix_len, q_offset) as arrays: arguments of every timed
+  step, as in a model's decode step (closed over, XLA would rebuild each as a
+  broadcast kernel in every call)."""
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   hq, hkv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
   q = jax.random.normal(keys[0], (batch, new, hq, d), jnp.bfloat16)
   kc = jax.random.normal(keys[1], (batch, cache, hkv, d), jnp.bfloat16)
   vc = jax.random.normal(keys[2], (batch, cache, hkv, d), jnp.bfloat16)
   kv_len = jnp.full((batch,), cache, jnp.int32)
-  lens = (kv_len, jnp.zeros_like(kv_len), kv_len - new)   # kv_len, prefix_len, q_offset
+  return q, kc, vc, (kv_len, jnp.zeros_like(kv_len), kv_len - new)
+
+
+def pool_keys(kc, block_k):
+  """Max-pooled keys [B, S / block_k, Hkv, D]: they live beside the cache
+  (updated once per filled block, 1/block_k of a step's cost), so a step does
+  not re-read every key to select."""
+  b, s, hkv, d = kc.shape
+  return kc.reshape(b, s // block_k, block_k, hkv, d).max(axis=2)
+
+
+def decode_budget(sparsity, n_k):
+  """Key blocks a row keeps at this block sparsity, the 2 forced ones included."""
+  return max(2, int(np.ceil((1 - sparsity) * n_k)))
+
+
+def decode_tables(q, pooled, budget, method='top_k'):
+  """The timed selection of a decode step: the group's mean query against the
+  pooled keys, the first and last blocks forced, `budget` blocks a row."""
+  scores = decode_scores(q, pooled)
+  n_k = scores.shape[-1]
+  forced = (jnp.arange(n_k) == 0) | (jnp.arange(n_k) == n_k - 1)
+  return bt.tables_from_scores(jnp.where(forced, jnp.inf, scores),
+                               jnp.full(scores.shape[:-1], budget), budget, method=method)
+
+
+def bench_decode(batch, cache, block_k=64, new=1):
+  """One decode step (new tokens of each GQA group) against a full cache:
+  `ours_s*` select through top-k and tables, `ours_fused_s*` inside the kernel
+  (the same number of blocks: block 0, the last one, and the best others).
+  `_kernel`: the kernel alone (tables / scores made outside the timing; its
+  split merge inside). tbps: the K/V bytes a key reads (all of the cache, or
+  the 35% of it at s65) over its time, TB/s. Inputs and lengths: decode_inputs."""
+  hq, hkv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
+  q, kc, vc, lens = decode_inputs(batch, cache, new)
+  kv_len = lens[0]
   n_k = cache // block_k
   res = dict(batch=batch, cache=cache, block_k=block_k, ms={})
   dense = jax.jit(lambda q, k, v, kv_len: jax.nn.dot_product_attention(
@@ -417,20 +458,10 @@ def bench_decode(batch, cache, block_k=64, new=1):
   res['ms']['xla'] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, implementation='xla')), q, kc, vc)
 
-  # Max-pooled keys live beside the cache (updated once per filled block, i.e.
-  # 1/block_k of a step's cost), so a step does not re-read every key to select.
-  pooled = jax.jit(lambda k: k.reshape(batch, n_k, block_k, hkv, d).max(axis=2))(kc)
+  pooled = jax.jit(pool_keys, static_argnums=1)(kc, block_k)
 
   def select(budget, method=_SELECT_METHODS.value[0]):
-    @jax.jit
-    def run(q, kp):
-      # The group's mean query against the pooled keys; first and last forced.
-      scores = decode_scores(q, kp)
-      last = jnp.arange(n_k) >= n_k - 1
-      scores = jnp.where(last | (jnp.arange(n_k) == 0), jnp.inf, scores)
-      return bt.tables_from_scores(scores, jnp.full(scores.shape[:-1], budget), budget,
-                                   method=method)
-    return run
+    return jax.jit(functools.partial(decode_tables, budget=budget, method=method))
 
   def table_kernel(**config):
     return jax.jit(lambda q, k, v, ids, count, *lens: decode.sparse_decode(
@@ -440,7 +471,7 @@ def bench_decode(batch, cache, block_k=64, new=1):
     tables, kernel = select(budget, method), table_kernel(**config)
     return jax.jit(lambda q, k, v, kp, *lens: kernel(q, k, v, *tables(q, kp), *lens))
 
-  budget = lambda sparsity: max(2, int(np.ceil((1 - sparsity) * n_k)))  # 2 forced in it
+  budget = lambda sparsity: decode_budget(sparsity, n_k)
 
   def fused(sparsity, **config):
     return jax.jit(functools.partial(fused_decode_step, budget=budget(sparsity) - 2,

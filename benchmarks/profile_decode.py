@@ -36,11 +36,9 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
-from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 from pallas_kernels.sparse_attention import decode  # noqa: E402
 
 _BATCH = flags.DEFINE_integer('batch', 8, 'sequences')
@@ -69,20 +67,12 @@ def _cudart():
 
 def main(_):
   b, s, bk = _BATCH.value, _CACHE.value, _BLOCK_K.value
-  hq, hkv, d = attention._HEADS.value, attention._KV_HEADS.value, attention._HEAD_DIM.value
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.bfloat16)
-  kc = jax.random.normal(keys[1], (b, s, hkv, d), jnp.bfloat16)
-  vc = jax.random.normal(keys[2], (b, s, hkv, d), jnp.bfloat16)
-  kv_len = jnp.full((b,), s, jnp.int32)
-  lens = (kv_len, jnp.zeros_like(kv_len), kv_len - 1)   # arguments, as attention.py's
-  n_k = s // bk
-  budget = max(2, int(np.ceil((1 - _SPARSITY.value) * n_k)))
-  pooled = kc.reshape(b, n_k, bk, hkv, d).max(axis=2)
+  q, kc, vc, lens = attention.decode_inputs(b, s)
+  kv_len, n_k = lens[0], s // bk
+  budget = attention.decode_budget(_SPARSITY.value, n_k)
+  pooled = attention.pool_keys(kc, bk)
+  ids, count = attention.decode_tables(q, pooled, budget)
   scores = attention.decode_scores(q, pooled)
-  forced = (jnp.arange(n_k) == 0) | (jnp.arange(n_k) == n_k - 1)
-  ids, count = bt.tables_from_scores(jnp.where(forced, jnp.inf, scores),
-                                     jnp.full(scores.shape[:-1], budget), budget)
   cutoff = jnp.full(scores.shape[:-1], budget - 2, jnp.int32)
   paths = {
       'cudnn': (jax.jit(lambda q, k, v, kv_len: jax.nn.dot_product_attention(
@@ -104,9 +94,9 @@ def main(_):
     print(f'== {name}', flush=True)
     jax.block_until_ready(fn(*args))
   cudart.cudaProfilerStop()
+  cache_mb = 2 * kc.size * kc.dtype.itemsize / 1e6   # K and V
   print(f'kept {count[0, 0]} of {n_k} key blocks per row; K/V bytes read by the sparse '
-        f'paths: {2 * b * hkv * int(count[0, 0]) * bk * d * 2 / 1e6:.0f} MB, by cuDNN '
-        f'{2 * b * hkv * s * d * 2 / 1e6:.0f} MB')
+        f'paths: {cache_mb * int(count[0, 0]) / n_k:.0f} MB, by cuDNN {cache_mb:.0f} MB')
 
 
 if __name__ == '__main__':

@@ -266,9 +266,9 @@ def selection_rule(model):
 
 def set_dense_from(model, position):
   """Query tiles holding positions >= position keep every key block, in
-  training and prefill (None: the gate decides everywhere)."""
+  training and prefill."""
   for g in gates(model):
-    g.dense_from = None if position is None else int(position)
+    g.dense_from = int(position)
 
 
 def set_distill(model, on):
