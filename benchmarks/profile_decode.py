@@ -50,7 +50,7 @@ PATHS = ('cudnn', 'tables', 'fused', 'mosaic')
 _PATHS = flags.DEFINE_multi_enum('paths', list(PATHS), PATHS, 'the paths to profile')
 
 
-def _cudart():
+def cudart():
   """The CUDA runtime JAX loaded (cudaProfilerStart/Stop bound ncu's range)."""
   names = [ctypes.util.find_library('cudart')]
   for path in sys.path:
@@ -88,12 +88,12 @@ def main(_):
   paths = {name: paths[name] for name in _PATHS.value}
   for fn, args in paths.values():   # compile and warm up outside the profiled range
     jax.block_until_ready(fn(*args))
-  cudart = _cudart()
-  cudart.cudaProfilerStart()
+  lib = cudart()
+  lib.cudaProfilerStart()
   for name, (fn, args) in paths.items():
     print(f'== {name}', flush=True)
     jax.block_until_ready(fn(*args))
-  cudart.cudaProfilerStop()
+  lib.cudaProfilerStop()
   cache_mb = 2 * kc.size * kc.dtype.itemsize / 1e6   # K and V
   print(f'kept {count[0, 0]} of {n_k} key blocks per row; K/V bytes read by the sparse '
         f'paths: {cache_mb * int(count[0, 0]) / n_k:.0f} MB, by cuDNN {cache_mb:.0f} MB')

@@ -49,14 +49,40 @@ COMPUTE_REGS, MEMORY_REGS = 232, 40   # (512 - 40) / 2, rounded down to 8
 class Config:
   """Shared-memory ring slots (>= 2) of each kernel. At head_dim 128 (227 KiB
   of shared memory) dk/dv takes at most 2 (64 KiB a slot); dq 2 at block_k
-  128, 5 at 64."""
+  128, 5 at 64. dkv_order: the launch order of the dk/dv CTAs (_dkv_cta)."""
   dq_stages: int = 2
   dkv_stages: int = 2
+  dkv_order: str = "sink_first"
 
   def __post_init__(self):
     if min(self.dq_stages, self.dkv_stages) < 2:
       raise ValueError(f"mosaic backward Config(dq_stages={self.dq_stages}, "
                        f"dkv_stages={self.dkv_stages}): each must be >= 2")
+    if self.dkv_order not in DKV_ORDERS:
+      raise ValueError(f"mosaic backward Config(dkv_order={self.dkv_order!r}): "
+                       f"one of {DKV_ORDERS}")
+
+
+DKV_ORDERS = ("sink_first", "heads_fastest", "heads_slowest")
+
+
+def _dkv_cta(i, hkv, n_k, order):
+  """(kv head, key block) of the i-th dk/dv CTA to launch.
+
+  Every query tile lists the first key block (the kept sink), so its CTAs
+  stream G x nQ query tiles, ~1/(1 - sparsity) times the average; launched
+  late they are the kernel's tail. sink_first: those of every head first, then
+  each head's other blocks in ascending order (the concurrent CTAs share the
+  query rows of one GQA group, which stay in L2). heads_fastest: block by
+  block, all heads each. heads_slowest: head by head.
+  """
+  if order == "heads_fastest":
+    return lax.rem(i, hkv), lax.div(i, hkv)
+  if order == "heads_slowest":
+    return lax.div(i, n_k), lax.rem(i, n_k)
+  sink, rest, per_head = i < hkv, jnp.maximum(i - hkv, 0), max(n_k - 1, 1)
+  return (jnp.where(sink, i, lax.div(rest, per_head)),
+          jnp.where(sink, 0, 1 + lax.rem(rest, per_head)))
 
 
 def _fully_visible(q_tile, k_block, kv_len, prefix_len, block_k):
@@ -339,12 +365,12 @@ def _sum_partials(parts, red_smem, sync, wg):
   return totals
 
 
-def _dkv_compute_wg(refs, smem, bars, *, kb, n_steps, n_masked, row, st: _Static):
+def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, n_masked, row, st: _Static):
   """One compute warpgroup: dk, dv of 64 keys over the streamed query tiles."""
   k_ref, v_ref, dk_ref, dv_ref, ids_ref, kv_len_ref, prefix_ref = refs
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *red = smem
   (k_bar, v_bar), ring_bars, done, sync = bars
-  b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+  wg = lax.axis_index("wg")
   plgpu.set_max_registers(COMPUTE_REGS, action="increase")
   split_keys = st.block_k == 2 * WG_ROWS
   kh = wg if split_keys else 0                  # this warpgroup's 64 keys: half kh
@@ -391,13 +417,12 @@ def _dkv_compute_wg(refs, smem, bars, *, kb, n_steps, n_masked, row, st: _Static
     pl.when(wg == 0)(lambda: store(dk, dv))
 
 
-def _dkv_memory_wg(q_ref, do_ref, lse_ref, delta_ref, ids_ref, smem, bars, *, n_steps,
-                   row, st: _Static):
+def _dkv_memory_wg(q_ref, do_ref, lse_ref, delta_ref, ids_ref, smem, bars, *, b, h,
+                   n_steps, row, st: _Static):
   """Streams, per listed query tile and query head of the group, 128 rows of
   q, dO, lse and delta."""
   ring = smem[2:6]
   _, ring_bars, done, _ = bars
-  b, h = lax.axis_index("batch"), lax.axis_index("heads")
 
   def locate(j):   # step j: tile ids[j // G], query head h * G + j % G
     return ids_ref[row + lax.div(j, st.group)], h * st.group + lax.rem(j, st.group)
@@ -412,7 +437,7 @@ def _dkv_memory_wg(q_ref, do_ref, lse_ref, delta_ref, ids_ref, smem, bars, *, n_
   _stream(n_steps, locate, fetch, (done,), st.stages)
 
 
-def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
+def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   n_k = s // st.block_k
@@ -425,7 +450,10 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref,
            kv_len_ref, prefix_ref, dk_ref, dv_ref, smem, bars):
-    bi, h, kb = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
+    # One flat launch axis (CUDA's x, the only one past 65535): batch fastest.
+    cta = lax.axis_index("ctas")
+    bi = lax.rem(cta, b)
+    h, kb = _dkv_cta(lax.div(cta, b), hkv, n_k, order)
     tile = (bi * hkv + h) * n_k + kb
     n_steps = counts_ref[2 * tile] * st.group
     n_masked = counts_ref[2 * tile + 1] * st.group
@@ -433,12 +461,12 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
       _dkv_compute_wg((k_ref, v_ref, dk_ref, dv_ref, ids_ref, kv_len_ref, prefix_ref),
-                      smem, bars, kb=kb, n_steps=n_steps, n_masked=n_masked,
+                      smem, bars, b=bi, h=h, kb=kb, n_steps=n_steps, n_masked=n_masked,
                       row=tile * st.width, st=st)
 
     @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
     def _():
-      _dkv_memory_wg(q_ref, do_ref, lse_ref, delta_ref, ids_ref, smem, bars,
+      _dkv_memory_wg(q_ref, do_ref, lse_ref, delta_ref, ids_ref, smem, bars, b=bi, h=h,
                      n_steps=n_steps, row=tile * st.width, st=st)
 
   halves = st.block_k // WG_ROWS
@@ -458,8 +486,8 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
                      ((kv_bar, kv_bar), (slots,) * 4,
                       plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st.stages),
                       plgpu.Barrier(num_arrivals=COMPUTE_WGS))),
-      grid=(hkv, n_k, b),
-      grid_names=("heads", "kv_seq", "batch"),
+      grid=(b * hkv * n_k,),
+      grid_names=("ctas",),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -526,5 +554,5 @@ def backward(q, k, v, tables: BlockTables, kv_len, prefix_len, out, lse, d_out, 
                dtype=q.dtype, interpret=interpret)
   dq = _dq(q, k, v, d_out, lse2, delta, tables, lens, st)
   st = dataclasses.replace(st, width=tables.q_ids.shape[-1], stages=config.dkv_stages)
-  dk, dv = _dkv(q, k, v, d_out, lse2, delta, tables, lens, st)
+  dk, dv = _dkv(q, k, v, d_out, lse2, delta, tables, lens, st, config.dkv_order)
   return dq, dk, dv

@@ -118,6 +118,9 @@ def test_configs_refuse_rings_of_one_slot():
   assert mosaic_gpu.Config(3, mosaic_gpu_backward.Config(4)).backward.dq_stages == 4
   from benchmarks import attention as bench   # its --bwd_configs specs
   assert bench.bwd_config('5x2') == mosaic_gpu_backward.Config(5, 2)
+  assert bench.bwd_config('2x2xheads_fastest').dkv_order == 'heads_fastest'
+  with pytest.raises(ValueError, match="dkv_order='sideways'"):
+    bench.bwd_config('2x2xsideways')
   with pytest.raises(ValueError, match="'5' is not DQxDKV"):
     bench.bwd_config('5')
 
@@ -192,3 +195,30 @@ def test_deeper_dq_ring_computes_the_same_grads():
   deep, _ = _grads(x, config=mosaic_gpu_backward.Config(dq_stages=5))
   for n, a, b in zip('qkv', base, deep):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), f'd{n}')
+
+
+@pytest.mark.parametrize('hkv,n_k', [(4, 256), (2, 3), (3, 1), (1, 5)])
+@pytest.mark.parametrize('order', mosaic_gpu_backward.DKV_ORDERS)
+def test_dkv_launch_orders_visit_every_block_once(order, hkv, n_k):
+  i = jnp.arange(hkv * n_k)
+  h, kb = mosaic_gpu_backward._dkv_cta(i, hkv, n_k, order)
+  pairs = sorted(zip(np.asarray(h).tolist(), np.asarray(kb).tolist()))
+  assert pairs == [(a, c) for a in range(hkv) for c in range(n_k)]
+  if order == 'sink_first':   # the first key block of every head launches first
+    assert np.asarray(kb)[:hkv].tolist() == [0] * hkv
+
+
+def test_dkv_launch_order_changes_no_gradient():
+  """Each dk/dv CTA sums its own key block's gradients: the order it launches
+  in (Config.dkv_order) cannot change them. Two kv heads, two key blocks."""
+  x = _inputs(CASES['random_ragged_mha_bk128'])
+  base = jax.block_until_ready(_grads(x, config=mosaic_gpu_backward.Config(
+      dkv_order='heads_slowest'))[0])
+  for order in ('sink_first', 'heads_fastest'):
+    other = jax.block_until_ready(_grads(x, config=mosaic_gpu_backward.Config(
+        dkv_order=order))[0])
+    for n, a, b in zip('qkv', base, other):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                    f'd{n} under {order}')
+  with pytest.raises(ValueError, match="dkv_order='diagonal'"):
+    mosaic_gpu_backward.Config(dkv_order='diagonal')

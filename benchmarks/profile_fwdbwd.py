@@ -1,0 +1,58 @@
+"""Kernels of one forward + backward step, under Nsight Compute.
+
+At 16k tokens our 65%-sparse forward + backward takes 0.49x of cuDNN's dense
+one end to end (docs/results.md) against a 0.45x target, and the kernel
+timings alone do not say where the rest goes: selection, the transposed
+tables, delta = rowsum(dO * O), the two backward kernels, casts. This runs
+one `jax.grad` step of each path of --fwdbwd_paths (compiled and warmed up outside
+the profiled range), the same step benchmarks/attention.py times:
+
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  for p in cudnn s65; do
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \\
+      -o $OUT/$p python benchmarks/profile_fwdbwd.py --fwdbwd_paths $p
+    ncu -i $OUT/$p.ncu-rep --page details --csv > $OUT/$p.csv
+  done
+  python benchmarks/ncu_summary.py $OUT/fwdbwd_profile cudnn=$OUT/cudnn.csv s65=$OUT/s65.csv
+
+--fwdbwd_paths: cudnn (dense, causal), dense (ours with every tile listed), s65 (ours
+at 65% block sparsity, selection inside).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import attention  # noqa: E402
+from benchmarks import profile_decode  # noqa: E402
+
+_SEQ = flags.DEFINE_integer('seq', 16384, 'sequence length (batch: --tokens // seq)')
+_BLOCK_K_FB = flags.DEFINE_integer('fwdbwd_block_k', 64, 'key block of the tables')
+PATHS = ('cudnn', 'dense', 's65')
+_PATHS_FB = flags.DEFINE_multi_enum('fwdbwd_paths', list(PATHS), PATHS, 'the paths to profile')
+
+
+def main(_):
+  seq, bk = _SEQ.value, _BLOCK_K_FB.value
+  q, k, v = attention.make_inputs(seq)
+  ours = lambda keep: attention.sparse_fn(keep, seq, 0, bk, 2, impl='mosaic_vjp')[0]
+  fns = {'cudnn': lambda: attention.dense_baselines()['cudnn'],
+         'dense': lambda: ours(1.0), 's65': lambda: ours(0.35)}
+  steps = {name: attention.grad_fn(fns[name]()) for name in _PATHS_FB.value}
+  for step in steps.values():   # compile and warm up outside the profiled range
+    jax.block_until_ready(step(q, k, v))
+  lib = profile_decode.cudart()
+  lib.cudaProfilerStart()
+  for name, step in steps.items():
+    print(f'== {name}', flush=True)
+    jax.block_until_ready(step(q, k, v))
+  lib.cudaProfilerStop()
+
+
+if __name__ == '__main__':
+  app.run(main)
