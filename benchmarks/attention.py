@@ -59,8 +59,9 @@ _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd', 'decode'], 'what to time')
 _BWD_SEQS = flags.DEFINE_list('bwd_seqs', ['4096', '16384'], 'sequence lengths of fwd+bwd')
 _BWD_CONFIGS = flags.DEFINE_list('bwd_configs', [], 'more Mosaic backward configs to time at '
                                  '65%: DQxDKV ring stages (the default is 2x2, dq fits up to 5 '
-                                 'at block_k 64), then optionally xORDER, the dk/dv launch '
-                                 'order (mosaic_gpu_backward.DKV_ORDERS); keys ours_s65_bwd<spec>')
+                                 'at block_k 64), then optionally xORDER (the dk/dv launch '
+                                 'order, mosaic_gpu_backward.DKV_ORDERS) and xgrouped (two '
+                                 'wgmma groups a tile); keys ours_s65_bwd<spec>')
 
 
 def _parses(parse, specs):
@@ -145,13 +146,15 @@ def make_inputs(seq, seed=0):
 
 
 def bwd_config(spec):
-  """mosaic_gpu_backward.Config of a DQxDKV[xORDER] spec, e.g. '4x2' or
-  '2x2xheads_fastest'."""
-  fields = spec.split('x', 2)
+  """mosaic_gpu_backward.Config of a DQxDKV[xORDER][xgrouped] spec, e.g. '4x2',
+  '2x2xheads_fastest' or '2x2xgrouped'."""
+  fields = spec.split('x')
   if len(fields) < 2 or not all(f.isdigit() for f in fields[:2]):
-    raise ValueError(f'--bwd_configs entry {spec!r} is not DQxDKV[xORDER] (e.g. 4x2)')
-  order = {'dkv_order': fields[2]} if len(fields) == 3 else {}
-  return mosaic_gpu_backward.Config(*map(int, fields[:2]), **order)
+    raise ValueError(f'--bwd_configs entry {spec!r} is not DQxDKV[xORDER][xgrouped] (e.g. 4x2)')
+  options = {}
+  for field in fields[2:]:
+    options.update(grouped=True) if field == 'grouped' else options.update(dkv_order=field)
+  return mosaic_gpu_backward.Config(*map(int, fields[:2]), **options)
 
 
 def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,

@@ -49,10 +49,13 @@ COMPUTE_REGS, MEMORY_REGS = 232, 40   # (512 - 40) / 2, rounded down to 8
 class Config:
   """Shared-memory ring slots (>= 2) of each kernel. At head_dim 128 (227 KiB
   of shared memory) dk/dv takes at most 2 (64 KiB a slot); dq 2 at block_k
-  128, 5 at 64. dkv_order: the launch order of the dk/dv CTAs (_dkv_cta)."""
+  128, 5 at 64. dkv_order: the launch order of the dk/dv CTAs (_dkv_cta).
+  grouped: two wgmma groups a tile instead of three (_dkv_tile_grouped); not
+  yet compiled on a GPU, so off by default."""
   dq_stages: int = 2
   dkv_stages: int = 2
   dkv_order: str = "sink_first"
+  grouped: bool = False
 
   def __post_init__(self):
     if min(self.dq_stages, self.dkv_stages) < 2:
@@ -114,6 +117,7 @@ class _Static:
   sm_scale: float
   dtype: jnp.dtype
   interpret: plgpu.InterpretGPUParams | None
+  grouped: bool = False   # Config.grouped
 
   @property
   def interpreted(self) -> bool:
@@ -126,29 +130,34 @@ def _transforms(dtype):
           plgpu.SwizzleTransform(128))
 
 
-def _dot_t(a_smem, b_smem, rows, cols):
-  """a @ b^T on wgmma, both operands in shared memory: [rows, cols] f32."""
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a_smem, b_smem.transpose((1, 0)))
-    return acc_ref[...]
-  return pl.run_scoped(body, plgpu.ACC((rows, cols), jnp.float32))
+def _dots_t(pairs, rows, cols):
+  """[a @ b^T for (a, b) in pairs], all operands in shared memory, [rows, cols]
+  f32 each: issued as one wgmma group, so the warpgroup waits once for all."""
+  def body(*acc_refs):
+    for acc_ref, (a_smem, b_smem) in zip(acc_refs, pairs):
+      plgpu.wgmma(acc_ref, a_smem, b_smem.transpose((1, 0)))
+    return tuple(acc_ref[...] for acc_ref in acc_refs)
+  return pl.run_scoped(body, *[plgpu.ACC((rows, cols), jnp.float32)] * len(pairs))
 
 
-def _mma(acc, a, b_smem, interpreted):
-  """acc + a @ b with `a` in registers (wgmma), b in shared memory."""
+def _mmas(terms, interpreted):
+  """[acc + a @ b for (acc, a, b_smem) in terms], `a` in registers (wgmma), b
+  in shared memory; one wgmma group, one wait."""
   if interpreted:
     # The GPU interpreter (jax 0.11.2) has neither run_state nor wgmma with A
-    # in registers: the same product as a plain dot. Compiled: wgmma in place.
-    acc = acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
+    # in registers: the same products as plain dots. Compiled: wgmma in place.
+    out = [acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
+           for acc, a, b_smem in terms]
     # wgmma reads b through the async proxy, as TMA writes it; the dot reads
     # it through the generic one, so order that read before the slot's next
     # TMA write as the interpreter's race detector wants.
     plgpu.commit_smem()
-    return acc
+    return out
 
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b_smem)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
+  def body(acc_refs):
+    for acc_ref, (_, a, b_smem) in zip(acc_refs, terms):
+      plgpu.wgmma(acc_ref, a, b_smem)
+  return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms)))
 
 
 def _zeros(shape):
@@ -221,16 +230,20 @@ def _dq_compute_wg(refs, smem, bars, *, qt, n, n_full, row, st: _Static):
   def step(j, dq, masked):
     slot = lax.rem(j, st.stages)
     plgpu.barrier_wait(k_bar.at[slot])
-    s = _dot_t(q_smem, k_smem.at[slot], *shape)
-    plgpu.barrier_wait(v_bar.at[slot])
-    dp = _dot_t(do_smem, v_smem.at[slot], *shape)
+    if st.grouped:   # s and dp as one group: one wait
+      plgpu.barrier_wait(v_bar.at[slot])
+      s, dp = _dots_t(((q_smem, k_smem.at[slot]), (do_smem, v_smem.at[slot])), *shape)
+    else:            # s while v may still be arriving
+      s, = _dots_t(((q_smem, k_smem.at[slot]),), *shape)
+      plgpu.barrier_wait(v_bar.at[slot])
+      dp, = _dots_t(((do_smem, v_smem.at[slot]),), *shape)
     plgpu.barrier_arrive(v_done.at[slot])
     if masked:
       s = _mask(s, q_base, ids_ref[row + j] * st.block_k, kv_len, prefix, q_axis=0)
     # Rows with no visible key have lse 0 (see backward); their s is -inf.
     p = jnp.exp2(s * st.scale - lax.broadcast_in_dim(lse, shape, [0]))
     ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
-    dq = _mma(dq, ds.astype(st.dtype), k_smem.at[slot], st.interpreted)
+    dq, = _mmas([(dq, ds.astype(st.dtype), k_smem.at[slot])], st.interpreted)
     plgpu.barrier_arrive(k_done.at[slot])
     return dq
 
@@ -309,8 +322,8 @@ def _dq(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
 def _dv_and_dp_t(dv, p_t, v_smem, do_smem, interpreted):
   """(dv + pT dO, v dO^T) as one wgmma group: one wait for both, as in
   attention_mgpu.py."""
-  if interpreted:   # as in _mma: register-A wgmma and run_state are compiled-only
-    return _mma(dv, p_t, do_smem, True), _dot_t(v_smem, do_smem, *p_t.shape)
+  if interpreted:   # as in _mmas: register-A wgmma and run_state are compiled-only
+    return _mmas([(dv, p_t, do_smem)], True)[0], _dots_t(((v_smem, do_smem),), *p_t.shape)[0]
 
   def body(refs):
     dv_ref, dp_ref = refs
@@ -320,21 +333,45 @@ def _dv_and_dp_t(dv, p_t, v_smem, do_smem, interpreted):
 
 
 def _dkv_tile(carry, kv_smem, q_smem, do_smem, lse_smem, delta_smem, mask, st: _Static):
-  """One 64 x 64 tile, keys x queries: dv += pT dO, dk += dsT q (dk unscaled)."""
+  """One 64 x 64 tile, keys x queries: dv += pT dO, dk += dsT q (dk unscaled).
+  Three wgmma groups: sT; (dv, dpT); dk."""
   dk, dv = carry
   k_smem, v_smem = kv_smem
   shape = (WG_ROWS, WG_ROWS)
-  s_t = _dot_t(k_smem, q_smem, *shape)
+  s_t, = _dots_t(((k_smem, q_smem),), *shape)
+  p_t = _probs_t(s_t, lse_smem, mask, st)
+  dv, dp_t = _dv_and_dp_t(dv, p_t.astype(st.dtype), v_smem, do_smem, st.interpreted)
+  ds_t = p_t * (dp_t - _col_bcast(delta_smem, shape))
+  dk, = _mmas([(dk, ds_t.astype(st.dtype), q_smem)], st.interpreted)
+  return dk, dv
+
+
+def _dkv_tile_grouped(carry, kv_smem, q_smem, do_smem, lse_smem, delta_smem, mask,
+                      st: _Static):
+  """_dkv_tile in two wgmma groups, one wait each: (sT, dpT), which need only
+  shared memory, then (dv, dk), which need pT and dsT from registers."""
+  dk, dv = carry
+  k_smem, v_smem = kv_smem
+  shape = (WG_ROWS, WG_ROWS)
+  s_t, dp_t = _dots_t(((k_smem, q_smem), (v_smem, do_smem)), *shape)
+  p_t = _probs_t(s_t, lse_smem, mask, st)
+  ds_t = p_t * (dp_t - _col_bcast(delta_smem, shape))
+  dv, dk = _mmas([(dv, p_t.astype(st.dtype), do_smem),
+                  (dk, ds_t.astype(st.dtype), q_smem)], st.interpreted)
+  return dk, dv
+
+
+def _col_bcast(vec_smem, shape):
+  """A per-query vector from shared memory, broadcast over a keys x queries tile."""
+  vec = plgpu.load(vec_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+  return lax.broadcast_in_dim(vec, shape, [1])
+
+
+def _probs_t(s_t, lse_smem, mask, st: _Static):
+  """pT = exp(sT - lse) of a keys x queries tile, masked first if it must be."""
   if mask is not None:
     s_t = mask(s_t)
-  col = plgpu.Layout.WGMMA.reduce(0)
-  lse = plgpu.load(lse_smem, layout=col)
-  p_t = jnp.exp2(s_t * st.scale - lax.broadcast_in_dim(lse, shape, [1]))
-  dv, dp_t = _dv_and_dp_t(dv, p_t.astype(st.dtype), v_smem, do_smem, st.interpreted)
-  delta = plgpu.load(delta_smem, layout=col)
-  ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, shape, [1]))
-  dk = _mma(dk, ds_t.astype(st.dtype), q_smem, st.interpreted)
-  return dk, dv
+  return jnp.exp2(s_t * st.scale - _col_bcast(lse_smem, s_t.shape))
 
 
 def _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, keys, dtype):
@@ -389,6 +426,8 @@ def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, n_masked, row, st: _
   plgpu.barrier_wait(v_bar.at[kh])
   kv_len, prefix = kv_len_ref[b], prefix_ref[b]
 
+  tile = _dkv_tile_grouped if st.grouped else _dkv_tile
+
   def step(j, carry, masked):
     slot = lax.rem(j, st.stages)
     q_tile = ids_ref[row + lax.div(j, st.group)] if masked else None
@@ -399,8 +438,8 @@ def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, n_masked, row, st: _
       mask = None if not masked else functools.partial(
           _mask, q0=q_tile * TILE_Q + half * WG_ROWS, k0=k0, kv_len=kv_len,
           prefix=prefix, q_axis=1)
-      carry = _dkv_tile(carry, kv_smem, q_smem.at[slot, rows], do_smem.at[slot, rows],
-                        lse_smem.at[slot, rows], delta_smem.at[slot, rows], mask, st)
+      carry = tile(carry, kv_smem, q_smem.at[slot, rows], do_smem.at[slot, rows],
+                   lse_smem.at[slot, rows], delta_smem.at[slot, rows], mask, st)
     plgpu.barrier_arrive(done.at[slot])
     return carry
 
@@ -551,7 +590,7 @@ def backward(q, k, v, tables: BlockTables, kv_len, prefix_len, out, lse, d_out, 
   d_out = d_out.astype(q.dtype)
   st = _Static(block_k=bk, group=q.shape[2] // hkv, width=tables.kv_ids.shape[-1],
                stages=config.dq_stages, scale=sm_scale * LOG2E, sm_scale=sm_scale,
-               dtype=q.dtype, interpret=interpret)
+               dtype=q.dtype, interpret=interpret, grouped=config.grouped)
   dq = _dq(q, k, v, d_out, lse2, delta, tables, lens, st)
   st = dataclasses.replace(st, width=tables.q_ids.shape[-1], stages=config.dkv_stages)
   dk, dv = _dkv(q, k, v, d_out, lse2, delta, tables, lens, st, config.dkv_order)

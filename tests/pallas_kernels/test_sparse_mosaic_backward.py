@@ -4,7 +4,7 @@ interpreter on the CPU, against jax.vjp of the f32 jnp reference.
 The interpreter simulates the warpgroups, TMA copies, barriers and wgmma, so
 the pipelines' synchronisation is checked too (a barrier phase nobody waited
 for fails; test_no_races runs its race detector). Only the products with the
-A operand in registers are plain dots here (mosaic_gpu_backward._mma says
+A operand in registers are plain dots here (mosaic_gpu_backward._mmas says
 why). The forward's out and lse come from jnp, so these tests do not depend
 on a forward kernel, except test_with_the_mosaic_forward.
 """
@@ -119,6 +119,8 @@ def test_configs_refuse_rings_of_one_slot():
   from benchmarks import attention as bench   # its --bwd_configs specs
   assert bench.bwd_config('5x2') == mosaic_gpu_backward.Config(5, 2)
   assert bench.bwd_config('2x2xheads_fastest').dkv_order == 'heads_fastest'
+  assert bench.bwd_config('3x2xheads_slowestxgrouped') == mosaic_gpu_backward.Config(
+      3, 2, dkv_order='heads_slowest', grouped=True)
   with pytest.raises(ValueError, match="dkv_order='sideways'"):
     bench.bwd_config('2x2xsideways')
   with pytest.raises(ValueError, match="'5' is not DQxDKV"):
@@ -222,3 +224,15 @@ def test_dkv_launch_order_changes_no_gradient():
                                     f'd{n} under {order}')
   with pytest.raises(ValueError, match="dkv_order='diagonal'"):
     mosaic_gpu_backward.Config(dkv_order='diagonal')
+
+
+@pytest.mark.parametrize('name', ['random_ragged_gqa4_bk64', 'prefix_all_blocks_mha_bk128'])
+def test_grouped_schedule_computes_the_same_grads(name):
+  """Config(grouped=True) issues each tile's products in two wgmma groups instead
+  of three; the products and their order of summation are the same."""
+  x = _inputs(CASES[name])
+  base = jax.block_until_ready(_grads(x)[0])
+  grouped, want = _grads(x, config=mosaic_gpu_backward.Config(grouped=True))
+  for n, a, b, r in zip('qkv', base, grouped, want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), f'd{n}')
+    assert_close(b, r, TOL, f'd{n}')
