@@ -75,7 +75,8 @@ def _parses(parse, specs):
 
 
 flags.register_validator('bwd_configs', lambda specs: _parses(bwd_config, specs),
-                         '--bwd_configs: DQxDKV entries, each stage count >= 2 (e.g. 4x2)')
+                         '--bwd_configs: DQxDKV[xORDER][xgrouped] entries, each stage count '
+                         '>= 2 (e.g. 4x2, 2x2xgrouped)')
 _DECODE = flags.DEFINE_list('decode', ['1x8192', '8x8192', '1x32768', '8x32768'],
                             'decode batch x cache length')
 _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused decode to '
@@ -87,6 +88,9 @@ _DECODE_TABLES = flags.DEFINE_list('decode_tables', [], 'the same for the table 
 _DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['4x2', '8x2'], 'the Mosaic forward kernel '
                                    'as split-K decode (mosaic_gpu.sparse_decode), SPLITSxSTAGES '
                                    'at 65%: keys ours_mosaic_s65_<spec>[_kernel]')
+_DECODE_CHAIN = flags.DEFINE_integer('decode_chain', 0, 'also time N decode steps chained in '
+                                     'one program (chained): per-step ms in chain_ms, for '
+                                     'cuDNN and our 65% paths; 0: not')
 
 BQ = mosaic_gpu.TILE_Q
 
@@ -204,7 +208,8 @@ def dense_baselines():
 
 
 def check_kernels():
-  """Mosaic vs the reference on small ragged shapes; raises on a mismatch."""
+  """Mosaic vs the reference on small ragged shapes, gradients under the default
+  backward Config and each of --bwd_configs; raises on a mismatch."""
   rows = []
   for seed, (b, t, hq, hkv, bk, kv_len, prefix, p) in enumerate([
       (2, 512, 4, 1, 64, [512, 300], [0, 129], 0.5),
@@ -231,23 +236,33 @@ def check_kernels():
     w = jax.random.normal(keys[0], q.shape, jnp.float32)
     def loss(fn):
       return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
-    ours = loss(lambda q, k, v: mosaic_gpu.sparse_attention(
-        q, k, v, tables, kv_len, prefix, block_sizes=sizes))
+    ours = lambda bwd: loss(lambda q, k, v: mosaic_gpu.sparse_attention(
+        q, k, v, tables, kv_len, prefix, block_sizes=sizes,
+        config=mosaic_gpu.Config(backward=bwd)))
+    configs = {'': mosaic_gpu_backward.Config()}
+    configs.update({f'_{spec}': bwd_config(spec) for spec in _BWD_CONFIGS.value})
     theirs = loss(lambda q, k, v: reference.reference_sparse_attention(
         q, k, v, mask, kv_len, prefix, block_sizes=sizes))
+    got = {}
+    for name, bwd in configs.items():
+      try:
+        got[name] = jax.grad(ours(bwd), argnums=(0, 1, 2))(q, k, v)
+      except Exception as e:  # one of --bwd_configs (e.g. too much shared memory)
+        if not name:
+          raise
+        rows[-1][f'error{name}'] = f'{type(e).__name__}: {str(e)[-300:]}'
+        print(f'check case {seed}: backward{name} failed: {rows[-1][f"error{name}"]}')
+    want = jax.grad(theirs, argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (q, k, v)))
+    errs = {f'd{n}{name}': float(np.linalg.norm(np.asarray(g, np.float32) - np.asarray(r))
+                                 / max(np.linalg.norm(np.asarray(r)), 1e-6))
+            for name, grads in got.items() for n, g, r in zip('qkv', grads, want)}
     try:
-      got = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
       tri = triton.sparse_attention(q, k, v, tables, kv_len, prefix, block_sizes=sizes)
-    except Exception as e:  # the Triton kernels: reported, the forward goes on
+      errs['triton_fwd'] = float(np.linalg.norm(np.asarray(tri, np.float32) - ref32)
+                                 / max(np.linalg.norm(ref32), 1e-6))
+    except Exception as e:  # the Triton kernels: reported, the check goes on
       rows[-1]['triton_error'] = f'{type(e).__name__}: {str(e)[-300:]}'
       print(f'check case {seed}: triton failed: {rows[-1]["triton_error"]}')
-      continue
-    want = jax.grad(theirs, argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (q, k, v)))
-    errs = {f'd{n}': float(np.linalg.norm(np.asarray(g, np.float32) - np.asarray(r))
-                          / max(np.linalg.norm(np.asarray(r)), 1e-6))
-            for n, g, r in zip('qkv', got, want)}
-    errs['triton_fwd'] = float(np.linalg.norm(np.asarray(tri, np.float32) - ref32)
-                               / max(np.linalg.norm(ref32), 1e-6))
     rows[-1].update(errs)
     print(f'check case {seed}: ' + ', '.join(f'{n} {e:.2e}' for n, e in errs.items()))
     if not all(e < 3e-2 for e in errs.values()):
@@ -520,11 +535,14 @@ def bench_decode(batch, cache, block_k=64, new=1):
   tables_step, fused_step = steps['s65']
   tables_out = tables_step(*step_args)
   res['fused_vs_tables_rel_err'] = rel_err(fused_step(*step_args), tables_out)
+  chain = {'cudnn': lambda q, k, v, kp, kv_len, *_: dense(q, k, v, kv_len),
+           'ours_s65': tables_step, 'ours_fused_s65': fused_step}
   for spec in _DECODE_MOSAIC.value:   # the same tables, streamed by TMA (one new token)
     kernel = mosaic_decode_kernel(spec, block_k)
     selection = select(budget(0.65))
     step = jax.jit(lambda q, k, v, kp, *lens, kernel=kernel, selection=selection:
                    kernel(q, k, v, *selection(q, kp), *lens))
+    chain[f'ours_mosaic_s65_{spec}'] = step
     timed(f'ours_mosaic_s65_{spec}', step, *step_args)
     timed(f'ours_mosaic_s65_{spec}_kernel', kernel, q, kc, vc, *tables, *lens)
     if f'ours_mosaic_s65_{spec}' in res['ms']:
@@ -537,12 +555,32 @@ def bench_decode(batch, cache, block_k=64, new=1):
   out_hm = fused_step(*head_major).reshape(batch, hkv, new, hq // hkv, d)
   res['headmajor_vs_tables_rel_err'] = rel_err(
       out_hm.transpose(0, 2, 1, 3, 4).reshape(batch, new, hq, d), tables_out)
+  if _DECODE_CHAIN.value:
+    n = res['chain'] = _DECODE_CHAIN.value
+    for name, step in chain.items():
+      try:
+        res.setdefault('chain_ms', {})[name] = time_ms(chained(step, n), *step_args) / n
+      except Exception as e:  # a Mosaic config that does not compile: reported
+        res.setdefault('errors', {})[f'{name}_chain'] = f'{type(e).__name__}: {str(e)[-300:]}'
   res['best_dense_ms'] = min(res['ms']['cudnn'], res['ms']['xla'])
   cache_bytes = 2 * kc.size * kc.dtype.itemsize
   read = lambda n: cache_bytes * (budget(0.65) / n_k if 's65' in n else 1.0)
   res['tbps'] = {n: read(n) / ms / 1e9 for n, ms in res['ms'].items()}
   print(json.dumps(res))
   return res
+
+
+def chained(step, n):
+  """n calls of a decode step in one jitted program, each one's output the next
+  one's query, as a model's layers follow each other within one decode step.
+  Its time / n is a step's device time with one dispatch shared by n; a step
+  timed alone also pays the dispatch and its kernels' launch latency (~16-20 us
+  a call on the H200, cuDNN's too; docs/results.md)."""
+  def run(q, *rest):
+    for _ in range(n):
+      q = step(q, *rest).astype(q.dtype)
+    return q
+  return jax.jit(run)
 
 
 def check_decode():
@@ -664,6 +702,16 @@ def markdown(results, fwdbwd, decodes, env):
       cells = [f"{r['ms'][n]:.3f} ({r['ms'][n] / r['best_dense_ms']:.2f}x, "
                f"{r['tbps'][n]:.2f})" if r['ms'].get(n) else '' for r in decodes]
       lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
+    chains = [r for r in decodes if r.get('chain_ms')]
+    if chains:
+      lines += ['', f"Decode, {chains[0]['chain']} steps chained in one program "
+                '(`chained`): ms a step, speed-up over cuDNN chained the same way.', '',
+                '| batch x cache | path | ms a step | vs cuDNN |', '| --- | --- | --- | --- |']
+      for r in chains:
+        dense = r['chain_ms'].get('cudnn')
+        for n, ms in sorted(r['chain_ms'].items()):
+          ratio = f'{dense / ms:.2f}x' if dense else ''
+          lines.append(f"| {r['batch']} x {r['cache']} | {n} | {ms:.4f} | {ratio} |")
   return '\n'.join(lines) + '\n'
 
 

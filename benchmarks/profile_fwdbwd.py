@@ -17,7 +17,7 @@ the profiled range), the same step benchmarks/attention.py times:
   python benchmarks/ncu_summary.py $OUT/fwdbwd_profile cudnn=$OUT/cudnn.csv s65=$OUT/s65.csv
 
 --fwdbwd_paths: cudnn (dense, causal), dense (ours with every tile listed), s65 (ours
-at 65% block sparsity, selection inside).
+at 65% block sparsity, selection inside); --fwdbwd_bwd: our backward's Config.
 """
 
 import os
@@ -35,12 +35,15 @@ _SEQ = flags.DEFINE_integer('seq', 16384, 'sequence length (batch: --tokens // s
 _BLOCK_K_FB = flags.DEFINE_integer('fwdbwd_block_k', 64, 'key block of the tables')
 PATHS = ('cudnn', 'dense', 's65')
 _PATHS_FB = flags.DEFINE_multi_enum('fwdbwd_paths', list(PATHS), PATHS, 'the paths to profile')
+_BWD = flags.DEFINE_string('fwdbwd_bwd', '2x2', 'our backward\'s config, a --bwd_configs spec '
+                           '(attention.bwd_config, e.g. 2x2xgrouped)')
 
 
 def main(_):
   seq, bk = _SEQ.value, _BLOCK_K_FB.value
   q, k, v = attention.make_inputs(seq)
-  ours = lambda keep: attention.sparse_fn(keep, seq, 0, bk, 2, impl='mosaic_vjp')[0]
+  ours = lambda keep: attention.sparse_fn(keep, seq, 0, bk, 2, impl='mosaic_vjp',
+                                         backward=attention.bwd_config(_BWD.value))[0]
   fns = {'cudnn': lambda: attention.dense_baselines()['cudnn'],
          'dense': lambda: ours(1.0), 's65': lambda: ours(0.35)}
   steps = {name: attention.grad_fn(fns[name]()) for name in _PATHS_FB.value}

@@ -10,6 +10,7 @@ prefetched group after the last) may only re-read blocks the row selected.
 
 import dataclasses
 
+from absl import flags
 import numpy as np
 import pytest
 
@@ -358,3 +359,26 @@ def test_benchmark_head_major_layout_is_the_same_step():
   got = step(*bench.head_major_decode_args(*args, hkv=hkv))
   got = got.reshape(b, hkv, m, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(q.shape)
   np.testing.assert_allclose(got, step(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_chained_steps_feed_each_output_to_the_next():
+  """bench.chained runs n steps in one program, each output the next query: the
+  same as n calls one after another (here the fused step, interpreted)."""
+  q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[1], seed=7)
+  pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
+  args = (k, v, pooled, lens['kv_len'], lens['prefix_len'], lens['q_offset'])
+  step = lambda *a: bench.fused_decode_step(*a, budget=3, block_k=BLOCK_K, interpret=True)
+  want = q
+  for _ in range(3):
+    want = jax.block_until_ready(step(want, *args).astype(q.dtype))
+  np.testing.assert_allclose(bench.chained(step, 3)(q, *args), want, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_markdown_tabulates_chained_decode():
+  if not flags.FLAGS.is_parsed():   # markdown reads the shape flags' defaults
+    flags.FLAGS.mark_as_parsed()
+  r = dict(batch=8, cache=32768, ms={'cudnn': 0.15}, tbps={'cudnn': 3.6},
+           best_dense_ms=0.15, chain=8, chain_ms={'cudnn': 0.132, 'ours_s65': 0.066})
+  text = bench.markdown([], [], [r], dict(device='GPU', jax='0', date='today'))
+  assert 'Decode, 8 steps chained in one program' in text
+  assert '| 8 x 32768 | ours_s65 | 0.0660 | 2.00x |' in text
