@@ -73,8 +73,8 @@ def _dkv_cta(i, hkv, n_k, order):
   """(kv head, key block) of the i-th dk/dv CTA to launch.
 
   Every query tile lists the first key block (the kept sink), so its CTAs
-  stream G x nQ query tiles, ~1/(1 - sparsity) times the average; launched
-  late they are the kernel's tail. sink_first: those of every head first, then
+  stream G x nQ query tiles, ~2 / (1 - sparsity) times the average under a
+  causal mask; launched late they are the kernel's tail. sink_first: those of every head first, then
   each head's other blocks in ascending order (the concurrent CTAs share the
   query rows of one GQA group, which stay in L2). heads_fastest: block by
   block, all heads each. heads_slowest: head by head.
