@@ -49,7 +49,8 @@ COMPUTE_REGS, MEMORY_REGS = 232, 40   # (512 - 40) / 2, rounded down to 8
 class Config:
   """Shared-memory ring slots (>= 2) of each kernel. At head_dim 128 (227 KiB
   of shared memory) dk/dv takes at most 2 (64 KiB a slot); dq 2 at block_k
-  128, 5 at 64. dkv_order: the launch order of the dk/dv CTAs (_dkv_cta).
+  128, 5 at 64. dkv_order: the launch order of the dk/dv CTAs
+  (_dkv_launch_order).
   grouped: two wgmma groups a tile instead of three (_dkv_tile_grouped); not
   yet compiled on a GPU, so off by default."""
   dq_stages: int = 2
@@ -66,26 +67,33 @@ class Config:
                        f"one of {DKV_ORDERS}")
 
 
-DKV_ORDERS = ("sink_first", "heads_fastest", "heads_slowest")
+DKV_ORDERS = ("sink_first", "longest_first", "heads_fastest", "heads_slowest")
 
 
-def _dkv_cta(i, hkv, n_k, order):
-  """(kv head, key block) of the i-th dk/dv CTA to launch.
+def _dkv_launch_order(q_count, order):
+  """[B * Hkv * nK] int32: the dk/dv CTAs' tiles, (b * Hkv + h) * nK + kb, in
+  the order they launch.
 
   Every query tile lists the first key block (the kept sink), so its CTAs
   stream G x nQ query tiles, ~2 / (1 - sparsity) times the average under a
-  causal mask; launched late they are the kernel's tail. sink_first: those of every head first, then
-  each head's other blocks in ascending order (the concurrent CTAs share the
-  query rows of one GQA group, which stay in L2). heads_fastest: block by
-  block, all heads each. heads_slowest: head by head.
+  causal mask; launched late they are the kernel's tail. sink_first: those of
+  every head first, then each head's other blocks in ascending order (the
+  concurrent CTAs share the query rows of one GQA group, which stay in L2).
+  longest_first: by listed query tiles, most first, whatever the mask
+  (prefix-LM rows list every prefix block); the heads interleave.
+  heads_fastest: block by block, all heads each. heads_slowest: head by head.
+  The batch varies fastest in all but longest_first.
   """
+  b, hkv, n_k = q_count.shape
+  tiles = jnp.arange(b * hkv * n_k, dtype=jnp.int32).reshape(b, hkv, n_k)
+  if order == "longest_first":
+    return jnp.argsort(-q_count.reshape(-1), stable=True).astype(jnp.int32)
   if order == "heads_fastest":
-    return lax.rem(i, hkv), lax.div(i, hkv)
+    return tiles.transpose(2, 1, 0).reshape(-1)
   if order == "heads_slowest":
-    return lax.div(i, n_k), lax.rem(i, n_k)
-  sink, rest, per_head = i < hkv, jnp.maximum(i - hkv, 0), max(n_k - 1, 1)
-  return (jnp.where(sink, i, lax.div(rest, per_head)),
-          jnp.where(sink, 0, 1 + lax.rem(rest, per_head)))
+    return tiles.transpose(1, 2, 0).reshape(-1)
+  by_head = tiles.transpose(1, 2, 0)        # [Hkv, nK, B]
+  return jnp.concatenate([by_head[:, :1].reshape(-1), by_head[:, 1:].reshape(-1)])
 
 
 def _fully_visible(q_tile, k_block, kv_len, prefix_len, block_k):
@@ -486,14 +494,14 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
   masked = listed & ~_fully_visible(tables.q_ids, k_block, kv_len, prefix, st.block_k)
   ids, counts = _flat_tables(tables.q_ids, tables.q_count,
                              jnp.sum(masked, -1, dtype=jnp.int32))
+  launch = _dkv_launch_order(tables.q_count, order)
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref,
-           kv_len_ref, prefix_ref, dk_ref, dv_ref, smem, bars):
-    # One flat launch axis (CUDA's x, the only one past 65535): batch fastest.
-    cta = lax.axis_index("ctas")
-    bi = lax.rem(cta, b)
-    h, kb = _dkv_cta(lax.div(cta, b), hkv, n_k, order)
-    tile = (bi * hkv + h) * n_k + kb
+           launch_ref, kv_len_ref, prefix_ref, dk_ref, dv_ref, smem, bars):
+    # One flat launch axis (CUDA's x, the only one past 65535), read through
+    # the launch order.
+    tile = launch_ref[lax.axis_index("ctas")]
+    bi, h, kb = lax.div(tile, hkv * n_k), lax.rem(lax.div(tile, n_k), hkv), lax.rem(tile, n_k)
     n_steps = counts_ref[2 * tile] * st.group
     n_masked = counts_ref[2 * tile + 1] * st.group
 
@@ -531,7 +539,7 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=st.interpret,
-  )(q, k, v, d_out, lse2, delta, ids, counts, *lens)
+  )(q, k, v, d_out, lse2, delta, ids, counts, launch, *lens)
 
 
 # ------------------------------------------------------------ public ---

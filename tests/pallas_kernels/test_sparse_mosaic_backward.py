@@ -199,15 +199,17 @@ def test_deeper_dq_ring_computes_the_same_grads():
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), f'd{n}')
 
 
-@pytest.mark.parametrize('hkv,n_k', [(4, 256), (2, 3), (3, 1), (1, 5)])
+@pytest.mark.parametrize('b,hkv,n_k', [(1, 4, 256), (2, 2, 3), (3, 3, 1), (2, 1, 5)])
 @pytest.mark.parametrize('order', mosaic_gpu_backward.DKV_ORDERS)
-def test_dkv_launch_orders_visit_every_block_once(order, hkv, n_k):
-  i = jnp.arange(hkv * n_k)
-  h, kb = mosaic_gpu_backward._dkv_cta(i, hkv, n_k, order)
-  pairs = sorted(zip(np.asarray(h).tolist(), np.asarray(kb).tolist()))
-  assert pairs == [(a, c) for a in range(hkv) for c in range(n_k)]
-  if order == 'sink_first':   # the first key block of every head launches first
-    assert np.asarray(kb)[:hkv].tolist() == [0] * hkv
+def test_dkv_launch_orders_visit_every_tile_once(order, b, hkv, n_k):
+  q_count = jax.random.randint(jax.random.PRNGKey(n_k), (b, hkv, n_k), 0, 9)
+  launch = np.asarray(mosaic_gpu_backward._dkv_launch_order(q_count, order))
+  assert sorted(launch.tolist()) == list(range(b * hkv * n_k))
+  kb, counts = launch % n_k, np.asarray(q_count).reshape(-1)[launch]
+  if order == 'sink_first':   # the first key block of every head and row first
+    assert (kb[:b * hkv] == 0).all()
+  if order == 'longest_first':
+    assert (np.diff(counts) <= 0).all()
 
 
 def test_dkv_launch_order_changes_no_gradient():
@@ -216,7 +218,7 @@ def test_dkv_launch_order_changes_no_gradient():
   x = _inputs(CASES['random_ragged_mha_bk128'])
   base = jax.block_until_ready(_grads(x, config=mosaic_gpu_backward.Config(
       dkv_order='heads_slowest'))[0])
-  for order in ('sink_first', 'heads_fastest'):
+  for order in ('sink_first', 'longest_first', 'heads_fastest'):
     other = jax.block_until_ready(_grads(x, config=mosaic_gpu_backward.Config(
         dkv_order=order))[0])
     for n, a, b in zip('qkv', base, other):
