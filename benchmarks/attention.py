@@ -157,7 +157,10 @@ def bwd_config(spec):
     raise ValueError(f'--bwd_configs entry {spec!r} is not DQxDKV[xORDER][xgrouped] (e.g. 4x2)')
   options = {}
   for field in fields[2:]:
-    options.update(grouped=True) if field == 'grouped' else options.update(dkv_order=field)
+    if field == 'grouped':
+      options['grouped'] = True
+    else:
+      options['dkv_order'] = field
   return mosaic_gpu_backward.Config(*map(int, fields[:2]), **options)
 
 

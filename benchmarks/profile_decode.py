@@ -50,7 +50,7 @@ PATHS = ('cudnn', 'tables', 'fused', 'mosaic')
 _PATHS = flags.DEFINE_multi_enum('paths', list(PATHS), PATHS, 'the paths to profile')
 
 
-def cudart():
+def _cudart():
   """The CUDA runtime JAX loaded (cudaProfilerStart/Stop bound ncu's range)."""
   names = [ctypes.util.find_library('cudart')]
   for path in sys.path:
@@ -63,6 +63,19 @@ def cudart():
     except OSError:
       continue
   raise RuntimeError('no libcudart found to start the profiled range')
+
+
+def run_profiled(paths):
+  """Runs each (fn, args) of paths once inside the profiled range, after
+  compiling and warming it up outside, so ncu sees one step of each."""
+  for fn, args in paths.values():
+    jax.block_until_ready(fn(*args))
+  lib = _cudart()
+  lib.cudaProfilerStart()
+  for name, (fn, args) in paths.items():
+    print(f'== {name}', flush=True)
+    jax.block_until_ready(fn(*args))
+  lib.cudaProfilerStop()
 
 
 def main(_):
@@ -85,15 +98,7 @@ def main(_):
       'mosaic': (attention.mosaic_decode_kernel(_MOSAIC.value, bk),
                  (q, kc, vc, ids, count, *lens)),
   }
-  paths = {name: paths[name] for name in _PATHS.value}
-  for fn, args in paths.values():   # compile and warm up outside the profiled range
-    jax.block_until_ready(fn(*args))
-  lib = cudart()
-  lib.cudaProfilerStart()
-  for name, (fn, args) in paths.items():
-    print(f'== {name}', flush=True)
-    jax.block_until_ready(fn(*args))
-  lib.cudaProfilerStop()
+  run_profiled({name: paths[name] for name in _PATHS.value})
   cache_mb = 2 * kc.size * kc.dtype.itemsize / 1e6   # K and V
   print(f'kept {count[0, 0]} of {n_k} key blocks per row; K/V bytes read by the sparse '
         f'paths: {cache_mb * int(count[0, 0]) / n_k:.0f} MB, by cuDNN {cache_mb:.0f} MB')

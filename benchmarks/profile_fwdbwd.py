@@ -25,7 +25,6 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
@@ -46,15 +45,8 @@ def main(_):
                                          backward=attention.bwd_config(_BWD.value))[0]
   fns = {'cudnn': lambda: attention.dense_baselines()['cudnn'],
          'dense': lambda: ours(1.0), 's65': lambda: ours(0.35)}
-  steps = {name: attention.grad_fn(fns[name]()) for name in _PATHS_FB.value}
-  for step in steps.values():   # compile and warm up outside the profiled range
-    jax.block_until_ready(step(q, k, v))
-  lib = profile_decode.cudart()
-  lib.cudaProfilerStart()
-  for name, step in steps.items():
-    print(f'== {name}', flush=True)
-    jax.block_until_ready(step(q, k, v))
-  lib.cudaProfilerStop()
+  profile_decode.run_profiled({name: (attention.grad_fn(fns[name]()), (q, k, v))
+                               for name in _PATHS_FB.value})
 
 
 if __name__ == '__main__':
