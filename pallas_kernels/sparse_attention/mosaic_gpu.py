@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -69,8 +70,8 @@ def launch_order(kv_count, hq, order):
   if order == "longest_first":
     work = jnp.repeat(kv_count, hq // hkv, axis=1)                    # [B, Hq, nQ]
     return jnp.argsort(-work.reshape(-1), stable=True).astype(jnp.int32)
-  tiles = jnp.arange(b * hq * n_q, dtype=jnp.int32).reshape(b, hq, n_q)
-  return tiles[:, :, ::-1].transpose(1, 2, 0).reshape(-1)
+  tiles = np.arange(b * hq * n_q, dtype=np.int32).reshape(b, hq, n_q)   # a constant
+  return jnp.asarray(tiles[:, :, ::-1].transpose(1, 2, 0).reshape(-1))
 
 
 def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):

@@ -31,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -85,15 +86,15 @@ def _dkv_launch_order(q_count, order):
   The batch varies fastest in all but longest_first.
   """
   b, hkv, n_k = q_count.shape
-  tiles = jnp.arange(b * hkv * n_k, dtype=jnp.int32).reshape(b, hkv, n_k)
   if order == "longest_first":
     return jnp.argsort(-q_count.reshape(-1), stable=True).astype(jnp.int32)
+  tiles = np.arange(b * hkv * n_k, dtype=np.int32).reshape(b, hkv, n_k)   # a constant
   if order == "heads_fastest":
-    return tiles.transpose(2, 1, 0).reshape(-1)
+    return jnp.asarray(tiles.transpose(2, 1, 0).reshape(-1))
+  by_head = tiles.transpose(1, 2, 0)        # [Hkv, nK, B]: heads_slowest
   if order == "heads_slowest":
-    return tiles.transpose(1, 2, 0).reshape(-1)
-  by_head = tiles.transpose(1, 2, 0)        # [Hkv, nK, B]
-  return jnp.concatenate([by_head[:, :1].reshape(-1), by_head[:, 1:].reshape(-1)])
+    return jnp.asarray(by_head.reshape(-1))
+  return jnp.asarray(np.concatenate([by_head[:, :1].reshape(-1), by_head[:, 1:].reshape(-1)]))
 
 
 def _fully_visible(q_tile, k_block, kv_len, prefix_len, block_k):
