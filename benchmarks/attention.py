@@ -88,9 +88,6 @@ _DECODE_TABLES = flags.DEFINE_list('decode_tables', [], 'the same for the table 
 _DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['4x2', '8x2'], 'the Mosaic forward kernel '
                                    'as split-K decode (mosaic_gpu.sparse_decode), SPLITSxSTAGES '
                                    'at 65%: keys ours_mosaic_s65_<spec>[_kernel]')
-_LAUNCHES = flags.DEFINE_multi_enum('launches', [], mosaic_gpu.LAUNCH_ORDERS, 'forward '
-                                    'CTA launch orders to time at 65% besides the default '
-                                    '(mosaic_gpu.launch_order): keys ours_s65_launch_<order>')
 _DECODE_CHAIN = flags.DEFINE_integer('decode_chain', 0, 'also time N decode steps chained in '
                                      'one program (chained): per-step ms in chain_ms, for '
                                      'cuDNN and our 65% paths; 0: not')
@@ -168,13 +165,13 @@ def bwd_config(spec):
 
 
 def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
-              backward=mosaic_gpu_backward.Config(), launch='heads_slowest'):
+              backward=mosaic_gpu_backward.Config()):
   """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts.
   method: the tables' (default: the first of --select_method); backward: the
-  Mosaic backward's Config (impl 'mosaic_vjp'); launch: the forward's CTA order."""
+  Mosaic backward's Config (impl 'mosaic_vjp')."""
   visible = visible_tiles(seq, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
-  config = mosaic_gpu.Config(stages, backward, launch)
+  config = mosaic_gpu.Config(stages, backward)
   method = method or _SELECT_METHODS.value[0]
   select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k, method))
 
@@ -317,11 +314,6 @@ def bench_seq(seq, prefix, variant, baselines):
         if not res['select_agree'][method]:
           print(f'select_method {method} tables differ from '
                 f'{_SELECT_METHODS.value[0]} at {seq}, prefix {prefix}, block_k {block_k}')
-      for launch in _LAUNCHES.value:   # the same tables, another CTA launch order
-        run_l, _, kernel_l = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages,
-                                       launch=launch)
-        res['ms'][f'{name}_launch_{launch}'] = time_ms(run_l, q, k, v)
-        res['ms'][f'{name}_launch_{launch}_kernel'] = time_ms(kernel_l, q, k, v, tables)
   if block_k == 64 and prefix == 0:   # the portable Triton kernel, same tables
     try:
       run = sparse_fn(0.35, seq, prefix, block_k, stages, impl='triton')[0]

@@ -22,7 +22,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -43,35 +42,14 @@ M_INIT = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """num_stages: K/V shared-memory slots in flight (>= 2). launch: the order
-  the forward's CTAs launch in (launch_order). backward: the dq and dk/dv
-  kernels' Config behind sparse_attention's custom_vjp."""
+  """num_stages: K/V shared-memory slots in flight (>= 2). backward: the ring
+  slots of the dq and dk/dv kernels behind sparse_attention's custom_vjp."""
   num_stages: int = 2
   backward: mosaic_gpu_backward.Config = mosaic_gpu_backward.Config()
-  launch: str = "heads_slowest"
 
   def __post_init__(self):
     if self.num_stages < 2:
       raise ValueError(f"mosaic Config.num_stages={self.num_stages} must be >= 2")
-    if self.launch not in LAUNCH_ORDERS:
-      raise ValueError(f"mosaic Config.launch={self.launch!r}: one of {LAUNCH_ORDERS}")
-
-
-LAUNCH_ORDERS = ("heads_slowest", "longest_first")
-
-
-def launch_order(kv_count, hq, order):
-  """[B * Hq * nQ] int32: the forward's tiles, (b * Hq + h) * nQ + qt, in the
-  order their CTAs launch. heads_slowest: head by head, each head's query
-  tiles last first (causal tiles grow with the index), the batch fastest.
-  longest_first: by listed key blocks, most first, over all heads and rows
-  (the last head's long tiles no longer launch last)."""
-  b, hkv, n_q = kv_count.shape
-  if order == "longest_first":
-    work = jnp.repeat(kv_count, hq // hkv, axis=1)                    # [B, Hq, nQ]
-    return jnp.argsort(-work.reshape(-1), stable=True).astype(jnp.int32)
-  tiles = np.arange(b * hq * n_q, dtype=np.int32).reshape(b, hq, n_q)   # a constant
-  return jnp.asarray(tiles[:, :, ::-1].transpose(1, 2, 0).reshape(-1))
 
 
 def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):
@@ -91,13 +69,13 @@ def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):
   return jnp.sum(listed & (ends <= limit[..., None]), axis=-1, dtype=jnp.int32)
 
 
-def _compute_wg(refs, scratch, *, b, h, qt, n, n_full, row, scale, dtype, num_stages,
-                block_k, interpreted):
+def _compute_wg(refs, scratch, *, qt, n, n_full, row, scale, dtype, num_stages, block_k,
+                interpreted):
   """One compute warpgroup: 64 query rows against the listed K/V blocks."""
   q_ref, out_ref, lse_ref, ids_ref, kv_len_ref, prefix_ref = refs
   (qo_smem2, k_smem, v_smem, lse_smem2), barriers = scratch
   (k_bar, v_bar, q_bar), (k_done, v_done), sched = barriers
-  wg = lax.axis_index("wg")
+  b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
   plgpu.set_max_registers(232, action="increase")
   qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
   q_base = qt * TILE_Q + wg * WG_ROWS
@@ -189,12 +167,13 @@ def _compute_wg(refs, scratch, *, b, h, qt, n, n_full, row, scale, dtype, num_st
   plgpu.wait_smem_to_gmem(0)
 
 
-def _memory_wg(refs, scratch, *, b, h, n, row, group, num_stages, block_k):
+def _memory_wg(refs, scratch, *, n, row, group, num_stages, block_k):
   """The TMA warpgroup: fetch listed K/V blocks into the slot ring."""
   k_ref, v_ref, ids_ref = refs
   (_, k_smem, v_smem, _), barriers = scratch
   (k_bar, v_bar, _), (k_done, v_done), _ = barriers
   plgpu.set_max_registers(40, action="decrease")
+  b, h = lax.axis_index("batch"), lax.axis_index("heads")
   kv_head = lax.div(h, group)
 
   def fetch(kb, slot):
@@ -266,14 +245,13 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
   # Flat tables: one scalar load per lookup, no multi-dim index arithmetic.
   ids = tables.kv_ids.astype(jnp.int32).reshape(-1)
   counts = jnp.stack([tables.kv_count.astype(jnp.int32), n_full], -1).reshape(-1)
-  launch = launch_order(tables.kv_count, hq, config.launch)
 
-  def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, launch_ref, kv_len_ref, prefix_ref,
+  def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref,
            out_ref, lse_ref, *scratch):
-    # One flat launch axis, read through the launch order: long tiles first
-    # keep the final wave short.
-    cta = launch_ref[lax.axis_index("ctas")]
-    bi, h, qt = lax.div(cta, hq * n_q), lax.rem(lax.div(cta, n_q), hq), lax.rem(cta, n_q)
+    bi, h = lax.axis_index("batch"), lax.axis_index("heads")
+    # Last tile first: causal tiles grow with the index, and launching the
+    # long ones first keeps the final wave short.
+    qt = n_q - 1 - lax.axis_index("q_seq")
     tile = (bi * hkv + lax.div(h, hq // hkv)) * n_q + qt
     n, n_full = counts_ref[2 * tile], counts_ref[2 * tile + 1]
     smem, barriers = scratch[:4], scratch[4:]
@@ -282,13 +260,13 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
       _compute_wg((q_ref, out_ref, lse_ref, ids_ref, kv_len_ref, prefix_ref), scratch,
-                  b=bi, h=h, qt=qt, n=n, n_full=n_full, row=tile * width, scale=scale,
-                  dtype=dtype, num_stages=config.num_stages, block_k=bk,
+                  qt=qt, n=n, n_full=n_full, row=tile * width, scale=scale, dtype=dtype,
+                  num_stages=config.num_stages, block_k=bk,
                   interpreted=interpret is not None)
 
     @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
     def _():
-      _memory_wg((k_ref, v_ref, ids_ref), scratch, b=bi, h=h, n=n, row=tile * width,
+      _memory_wg((k_ref, v_ref, ids_ref), scratch, n=n, row=tile * width,
                  group=hq // hkv, num_stages=config.num_stages, block_k=bk)
 
   transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
@@ -309,13 +287,13 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((b, hq, t), jnp.float32)),
       scratch_types=scratch,
-      grid=(b * hq * n_q,),
-      grid_names=("ctas",),
+      grid=(hq, n_q, b),
+      grid_names=("heads", "q_seq", "batch"),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(q, k, v, ids, counts, launch, kv_len, prefix_len)
+  )(q, k, v, ids, counts, kv_len, prefix_len)
   return out, lse
 
 

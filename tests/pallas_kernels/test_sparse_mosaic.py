@@ -13,7 +13,6 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sparse_attention import BlockSizes, BlockTables, mosaic_gpu
 from pallas_kernels.sparse_attention import block_tables as bt
@@ -65,38 +64,3 @@ def test_bad_input_names_the_problem(what, kwargs, match):
     mosaic_gpu.sparse_attention(q, k, k, tables, jnp.array([128]), jnp.array([0]),
                                 block_sizes=kwargs.get('sizes', BlockSizes(128, 64)),
                                 interpret=True)
-
-
-@pytest.mark.parametrize('order', mosaic_gpu.LAUNCH_ORDERS)
-def test_launch_orders_visit_every_tile_once(order):
-  import jax
-  b, hq, hkv, n_q = 2, 4, 2, 3
-  kv_count = jax.random.randint(jax.random.PRNGKey(1), (b, hkv, n_q), 0, 9)
-  launch = np.asarray(mosaic_gpu.launch_order(kv_count, hq, order))
-  assert sorted(launch.tolist()) == list(range(b * hq * n_q))
-  if order == 'heads_slowest':   # the old grid (Hq, nQ, B), last tile first
-    assert launch.tolist() == [(bi * hq + h) * n_q + n_q - 1 - s
-                               for h in range(hq) for s in range(n_q) for bi in range(b)]
-  else:
-    work = np.repeat(np.asarray(kv_count), hq // hkv, axis=1).reshape(-1)
-    assert (np.diff(work[launch]) <= 0).all()
-
-
-def test_launch_order_changes_no_output():
-  """Each CTA computes its own tile: the launch order cannot change out or lse."""
-  import jax
-  keys = jax.random.split(jax.random.PRNGKey(2), 4)
-  q = jax.random.normal(keys[0], (2, 256, 4, 64), jnp.bfloat16)
-  k = jax.random.normal(keys[1], (2, 256, 2, 64), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (2, 256, 2, 64), jnp.bfloat16)
-  mask = jax.random.bernoulli(keys[3], 0.6, (2, 2, 2, 4))
-  tables = bt.build_block_tables(mask)
-  lens = jnp.array([256, 200]), jnp.array([0, 64])
-  run = lambda launch: jax.block_until_ready(mosaic_gpu.sparse_attention_fwd(
-      q, k, v, tables, *lens, block_sizes=BlockSizes(128, 64),
-      config=mosaic_gpu.Config(launch=launch), interpret=plgpu.InterpretGPUParams()))
-  base = run('heads_slowest')
-  for got, want in zip(run('longest_first'), base):
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  with pytest.raises(ValueError, match="launch='sideways'"):
-    mosaic_gpu.Config(launch='sideways')
