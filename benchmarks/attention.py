@@ -230,7 +230,7 @@ def check_kernels():
     ref = reference.reference_sparse_attention(q, k, v, mask, kv_len, prefix, block_sizes=sizes)
     out, lse = mosaic_gpu.sparse_attention_fwd(q, k, v, tables, kv_len, prefix, block_sizes=sizes)
     ref32, out32 = np.asarray(ref, np.float32), np.asarray(out, np.float32)
-    err = float(np.linalg.norm(out32 - ref32) / max(np.linalg.norm(ref32), 1e-6))
+    err = rel_err(out32, ref32)
     rows.append(dict(case=seed, rel_err=err, nan=bool(np.isnan(out32).any())))
     print(f'check mosaic case {seed}: rel err {err:.2e}')
     if not err < 2e-2 or rows[-1]['nan']:
@@ -256,13 +256,11 @@ def check_kernels():
         rows[-1][f'error{name}'] = f'{type(e).__name__}: {str(e)[-300:]}'
         print(f'check case {seed}: backward{name} failed: {rows[-1][f"error{name}"]}')
     want = jax.grad(theirs, argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (q, k, v)))
-    errs = {f'd{n}{name}': float(np.linalg.norm(np.asarray(g, np.float32) - np.asarray(r))
-                                 / max(np.linalg.norm(np.asarray(r)), 1e-6))
+    errs = {f'd{n}{name}': rel_err(g, r)
             for name, grads in got.items() for n, g, r in zip('qkv', grads, want)}
     try:
       tri = triton.sparse_attention(q, k, v, tables, kv_len, prefix, block_sizes=sizes)
-      errs['triton_fwd'] = float(np.linalg.norm(np.asarray(tri, np.float32) - ref32)
-                                 / max(np.linalg.norm(ref32), 1e-6))
+      errs['triton_fwd'] = rel_err(tri, ref32)
     except Exception as e:  # the Triton kernels: reported, the check goes on
       rows[-1]['triton_error'] = f'{type(e).__name__}: {str(e)[-300:]}'
       print(f'check case {seed}: triton failed: {rows[-1]["triton_error"]}')
@@ -362,8 +360,9 @@ def bench_fwdbwd(seq, block_k, baselines):
 
 
 def rel_err(out, ref):
+  """||out - ref|| / ||ref|| in f32 (an all-zero ref: the absolute error / 1e-6)."""
   ref32, out32 = np.asarray(ref, np.float32), np.asarray(out, np.float32)
-  return float(np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32))
+  return float(np.linalg.norm(out32 - ref32) / max(np.linalg.norm(ref32), 1e-6))
 
 
 def decode_scores(q, pooled):

@@ -42,8 +42,9 @@ M_INIT = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """num_stages: K/V shared-memory slots in flight (>= 2). backward: the ring
-  slots of the dq and dk/dv kernels behind sparse_attention's custom_vjp."""
+  """num_stages: K/V shared-memory slots in flight (>= 2). backward: the
+  mosaic_gpu_backward.Config of the dq and dk/dv kernels behind
+  sparse_attention's custom_vjp."""
   num_stages: int = 2
   backward: mosaic_gpu_backward.Config = mosaic_gpu_backward.Config()
 

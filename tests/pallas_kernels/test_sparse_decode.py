@@ -328,7 +328,7 @@ def test_benchmark_fused_step_matches_reference():
   """benchmarks/attention.py's timed fused step (pooled-key scores, in-kernel
   top-k, kernel) on a tiny cache, against the reference on the same scores."""
   q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[1], seed=5)   # no prefix
-  pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
+  pooled = bench.pool_keys(k, BLOCK_K)
   got = bench.fused_decode_step(q, k, v, pooled, **lens, budget=3, block_k=BLOCK_K,
                                 interpret=True)
   want = decode.sparse_decode_scored_reference(
@@ -351,7 +351,7 @@ def test_benchmark_head_major_layout_is_the_same_step():
   """The benchmark's head-major variant (kv heads as batch rows) computes the
   same attention as the [B, S, Hkv, D] cache."""
   q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[3], seed=6)   # GQA 4, 2 kv heads
-  pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
+  pooled = bench.pool_keys(k, BLOCK_K)
   args = (q, k, v, pooled, lens['kv_len'], lens['prefix_len'], lens['q_offset'])
   step = lambda *a: bench.fused_decode_step(*a, budget=3, block_k=BLOCK_K, interpret=True)
   b, m, hq, d = q.shape
@@ -365,7 +365,7 @@ def test_benchmark_chained_steps_feed_each_output_to_the_next():
   """bench.chained runs n steps in one program, each output the next query: the
   same as n calls one after another (here the fused step, interpreted)."""
   q, k, v, _, _, lens = _scored_inputs(SCORED_CASES[1], seed=7)
-  pooled = k.reshape(2, N_SCORED, BLOCK_K, *k.shape[2:]).max(axis=2)
+  pooled = bench.pool_keys(k, BLOCK_K)
   args = (k, v, pooled, lens['kv_len'], lens['prefix_len'], lens['q_offset'])
   step = lambda *a: bench.fused_decode_step(*a, budget=3, block_k=BLOCK_K, interpret=True)
   want = q

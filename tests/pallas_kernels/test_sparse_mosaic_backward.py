@@ -186,17 +186,25 @@ def test_bad_input_names_the_problem(what, kwargs, match):
         d_out, block_sizes=kwargs.get('sizes', BlockSizes(128, 64)), interpret=True)
 
 
+def _assert_same_grads(x, base_config, config):
+  """Bit-identical (dq, dk, dv) under two Configs; returns the second's and the
+  reference's grads."""
+  # Wait for each run: the interpreter dispatches JAX ops from its callback
+  # threads, and eager ops issued on this thread meanwhile can deadlock with them.
+  base = jax.block_until_ready(_grads(x, config=base_config)[0])
+  got, want = jax.block_until_ready(_grads(x, config=config))
+  for n, a, b in zip('qkv', base, got):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                  f'd{n} under {config}')
+  return got, want
+
+
 def test_deeper_dq_ring_computes_the_same_grads():
   """More dq ring slots (the knob benchmarks/attention.py --bwd_configs sweeps) only
   change when blocks arrive, not the order they are summed in: identical grads,
   also where a tile lists fewer blocks than there are slots."""
-  x = _inputs(CASES['causal_all_blocks_gqa4_bk64'])
-  # Wait for the first run: the interpreter dispatches JAX ops from its callback
-  # threads, and eager ops issued on this thread meanwhile can deadlock with them.
-  base = jax.block_until_ready(_grads(x)[0])
-  deep, _ = _grads(x, config=mosaic_gpu_backward.Config(dq_stages=5))
-  for n, a, b in zip('qkv', base, deep):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), f'd{n}')
+  _assert_same_grads(_inputs(CASES['causal_all_blocks_gqa4_bk64']),
+                     mosaic_gpu_backward.Config(), mosaic_gpu_backward.Config(dq_stages=5))
 
 
 @pytest.mark.parametrize('b,hkv,n_k', [(1, 4, 256), (2, 2, 3), (3, 3, 1), (2, 1, 5)])
@@ -216,14 +224,9 @@ def test_dkv_launch_order_changes_no_gradient():
   """Each dk/dv CTA sums its own key block's gradients: the order it launches
   in (Config.dkv_order) cannot change them. Two kv heads, two key blocks."""
   x = _inputs(CASES['random_ragged_mha_bk128'])
-  base = jax.block_until_ready(_grads(x, config=mosaic_gpu_backward.Config(
-      dkv_order='heads_slowest'))[0])
   for order in ('sink_first', 'longest_first', 'heads_fastest'):
-    other = jax.block_until_ready(_grads(x, config=mosaic_gpu_backward.Config(
-        dkv_order=order))[0])
-    for n, a, b in zip('qkv', base, other):
-      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                    f'd{n} under {order}')
+    _assert_same_grads(x, mosaic_gpu_backward.Config(dkv_order='heads_slowest'),
+                       mosaic_gpu_backward.Config(dkv_order=order))
   with pytest.raises(ValueError, match="dkv_order='diagonal'"):
     mosaic_gpu_backward.Config(dkv_order='diagonal')
 
@@ -232,9 +235,7 @@ def test_dkv_launch_order_changes_no_gradient():
 def test_grouped_schedule_computes_the_same_grads(name):
   """Config(grouped=True) issues each tile's products in two wgmma groups instead
   of three; the products and their order of summation are the same."""
-  x = _inputs(CASES[name])
-  base = jax.block_until_ready(_grads(x)[0])
-  grouped, want = _grads(x, config=mosaic_gpu_backward.Config(grouped=True))
-  for n, a, b, r in zip('qkv', base, grouped, want):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), f'd{n}')
-    assert_close(b, r, TOL, f'd{n}')
+  grouped, want = _assert_same_grads(_inputs(CASES[name]), mosaic_gpu_backward.Config(),
+                                     mosaic_gpu_backward.Config(grouped=True))
+  for n, g, r in zip('qkv', grouped, want):
+    assert_close(g, r, TOL, f'd{n}')
