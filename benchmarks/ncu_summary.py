@@ -5,8 +5,9 @@
 DETAILS.csv: `ncu -i REPORT --page details --csv` of one path's profiled range
 (benchmarks/profile_decode.py says how). Writes OUT_STEM.json and OUT_STEM.md:
 per kernel its grid, duration, DRAM throughput (% of peak and TB/s), achieved
-occupancy, registers and dynamic shared memory; per path the kernels' summed
-duration, which leaves out the gaps between launches.
+occupancy, registers, dynamic shared memory, the share of its cycles an SM was
+busy (SM active / elapsed cycles) and local-memory spill requests; per path the
+kernels' summed duration, which leaves out the gaps between launches.
 """
 
 import csv
@@ -17,7 +18,7 @@ import sys
 _UNITS = {'us': 1.0, 'ms': 1e3, 'ns': 1e-3, 'usecond': 1.0, 'msecond': 1e3, 'nsecond': 1e-3,
           'Tbyte/s': 1.0, 'Gbyte/s': 1e-3, 'Mbyte/s': 1e-6,
           'Kbyte/block': 1.0, 'byte/block': 1e-3, 'Mbyte/block': 1e3, '%': 1.0,
-          'register/thread': 1.0, '': 1.0}
+          'register/thread': 1.0, 'cycle': 1.0, '': 1.0}
 _METRICS = {
     ('GPU Speed Of Light Throughput', 'Duration'): 'us',
     ('GPU Speed Of Light Throughput', 'DRAM Throughput'): 'dram_pct',
@@ -25,6 +26,9 @@ _METRICS = {
     ('Occupancy', 'Achieved Occupancy'): 'occupancy_pct',
     ('Launch Statistics', 'Registers Per Thread'): 'registers',
     ('Launch Statistics', 'Dynamic Shared Memory Per Block'): 'smem_kb',
+    ('GPU Speed Of Light Throughput', 'Elapsed Cycles'): 'elapsed_cycles',
+    ('GPU Speed Of Light Throughput', 'SM Active Cycles'): 'active_cycles',
+    ('Memory Workload Analysis', 'Local Memory Spilling Requests'): 'spill_requests',
 }
 
 
@@ -50,6 +54,9 @@ def read_kernels(path):
                          f'{path}, kernel {row["ID"]}, {row["Metric Name"]}')
   if not kernels:
     raise ValueError(f'{path}: no kernels in it (was the profiled range empty?)')
+  for k in kernels.values():   # the share of the kernel's cycles an SM was busy, on average
+    if k.get('elapsed_cycles'):
+      k['sm_active_pct'] = 100 * k.get('active_cycles', 0.0) / k['elapsed_cycles']
   return [kernels[i] for i in sorted(kernels)]
 
 
@@ -73,13 +80,15 @@ def markdown(summary):
   lines = []
   for name, s in summary.items():
     lines += [f'### {name}: {s["launches"]} kernels, {s["total_us"]:.1f} us summed', '',
-              '| kernel | grid | us | DRAM % | TB/s | occupancy % | registers | smem KB |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+              '| kernel | grid | us | DRAM % | TB/s | occupancy % | registers | smem KB '
+              '| SM active % | spill requests |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for k in s['kernels']:
       lines.append(f'| `{_short(k["name"])}` | {k["grid"]} | {cell(k, "us", ".2f")} | '
                    f'{cell(k, "dram_pct", ".1f")} | {cell(k, "mem_tbps", ".2f")} | '
                    f'{cell(k, "occupancy_pct", ".1f")} | {cell(k, "registers", ".0f")} | '
-                   f'{cell(k, "smem_kb", ".1f")} |')
+                   f'{cell(k, "smem_kb", ".1f")} | {cell(k, "sm_active_pct", ".0f")} | '
+                   f'{cell(k, "spill_requests", ".0f")} |')
     lines.append('')
   return '\n'.join(lines)
 

@@ -30,6 +30,11 @@ def kernel(i, name, us, tbps, tbps_unit='Tbyte/s', smem=('1', 'Kbyte/block')):
       [i, name, *grid, 'Memory Workload Analysis', 'Memory Throughput', tbps_unit, tbps],
       [i, name, *grid, 'Launch Statistics', 'Dynamic Shared Memory Per Block', *smem[::-1]],
       [i, name, *grid, 'Launch Statistics', 'Registers Per Thread', 'register/thread', '168'],
+      [i, name, *grid, 'GPU Speed Of Light Throughput', 'Elapsed Cycles', 'cycle', '3,130,837'],
+      [i, name, *grid, 'GPU Speed Of Light Throughput', 'SM Active Cycles', 'cycle',
+       '2,124,434.98'],
+      [i, name, *grid, 'Memory Workload Analysis', 'Local Memory Spilling Requests', '',
+       '3,698,432'],
   ]
 
 
@@ -45,6 +50,9 @@ def test_kernels_in_launch_order_with_units_and_sums(tmp_path):
   assert body['mem_tbps'] == pytest.approx(3.62) and body['dram_pct'] == 75.5
   assert pad['smem_kb'] == pytest.approx(0.512) and body['smem_kb'] == pytest.approx(167.06)
   assert summary['launches'] == 2 and summary['total_us'] == pytest.approx(1058.3)
+  assert body['sm_active_pct'] == pytest.approx(67.855, abs=1e-3)
+  assert body['spill_requests'] == 3698432
+  assert '| 168 | 167.1 | 68 | 3698432 |' in ncu_summary.markdown({'mosaic': summary})
   assert '| `body_mosaic_gpu_kernel` | (8, 4, 4) | 1053.95 | 75.5 | 3.62 |' in (
       ncu_summary.markdown({'mosaic': summary}))
 
