@@ -60,8 +60,7 @@ _BWD_SEQS = flags.DEFINE_list('bwd_seqs', ['4096', '16384'], 'sequence lengths o
 _BWD_CONFIGS = flags.DEFINE_list('bwd_configs', [], 'more Mosaic backward configs to time at '
                                  '65%: DQxDKV ring stages (the default is 2x2, dq fits up to 5 '
                                  'at block_k 64), then optionally xORDER (the dk/dv launch '
-                                 'order, mosaic_gpu_backward.DKV_ORDERS) and xgrouped (two '
-                                 'wgmma groups a tile); keys ours_s65_bwd<spec>')
+                                 'order, mosaic_gpu_backward.DKV_ORDERS); keys ours_s65_bwd<spec>')
 
 
 def _parses(parse, specs):
@@ -75,8 +74,8 @@ def _parses(parse, specs):
 
 
 flags.register_validator('bwd_configs', lambda specs: _parses(bwd_config, specs),
-                         '--bwd_configs: DQxDKV[xORDER][xgrouped] entries, each stage count '
-                         '>= 2 (e.g. 4x2, 2x2xgrouped)')
+                         '--bwd_configs: DQxDKV[xORDER] entries, each stage count '
+                         '>= 2 (e.g. 4x2, 2x2xsink_first)')
 _DECODE = flags.DEFINE_list('decode', ['1x8192', '8x8192', '1x32768', '8x32768'],
                             'decode batch x cache length')
 _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused decode to '
@@ -150,18 +149,12 @@ def make_inputs(seq, seed=0):
 
 
 def bwd_config(spec):
-  """mosaic_gpu_backward.Config of a DQxDKV[xORDER][xgrouped] spec, e.g. '4x2',
-  '2x2xheads_fastest' or '2x2xgrouped'."""
+  """mosaic_gpu_backward.Config of a DQxDKV[xORDER] spec, e.g. '4x2' or
+  '2x2xsink_first'."""
   fields = spec.split('x')
-  if len(fields) < 2 or not all(f.isdigit() for f in fields[:2]):
-    raise ValueError(f'--bwd_configs entry {spec!r} is not DQxDKV[xORDER][xgrouped] (e.g. 4x2)')
-  options = {}
-  for field in fields[2:]:
-    if field == 'grouped':
-      options['grouped'] = True
-    else:
-      options['dkv_order'] = field
-  return mosaic_gpu_backward.Config(*map(int, fields[:2]), **options)
+  if not 2 <= len(fields) <= 3 or not all(f.isdigit() for f in fields[:2]):
+    raise ValueError(f'--bwd_configs entry {spec!r} is not DQxDKV[xORDER] (e.g. 4x2)')
+  return mosaic_gpu_backward.Config(*map(int, fields[:2]), *fields[2:])
 
 
 def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,

@@ -35,7 +35,7 @@ _BLOCK_K_FB = flags.DEFINE_integer('fwdbwd_block_k', 64, 'key block of the table
 PATHS = ('cudnn', 'dense', 's65')
 _PATHS_FB = flags.DEFINE_multi_enum('fwdbwd_paths', list(PATHS), PATHS, 'the paths to profile')
 _BWD = flags.DEFINE_string('fwdbwd_bwd', '2x2', 'our backward\'s config, a --bwd_configs spec '
-                           '(attention.bwd_config, e.g. 2x2xgrouped)')
+                           '(attention.bwd_config, e.g. 2x2xsink_first)')
 
 
 def main(_):
