@@ -50,7 +50,14 @@ _HEADS = flags.DEFINE_integer('heads', 16, 'query heads')
 _KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'key/value heads')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'head dim')
 _VARIANTS = flags.DEFINE_list('variants', ['64x2'], 'Mosaic block_k x K/V stages; '
-                              'the first also runs the prefix-LM mask')
+                              'the first also runs the prefix-LM mask (--prefix)')
+_PREFIX = flags.DEFINE_bool('prefix', True, 'forward: also time the first variant under a '
+                            'prefix-LM mask (a bidirectional first quarter)')
+_PERSISTENT = flags.DEFINE_bool('persistent', False, 'also time the persistent forward '
+                                 '(mosaic_gpu.Config.persistent_ctas = the GPU\'s SM count) '
+                                 'at 0% and 65%, end to end and kernel alone: keys '
+                                 'ours_dense_persistent[_kernel], ours_s65_persistent[_kernel]; '
+                                 'with --check, checked against the reference too')
 _ITERS = flags.DEFINE_integer('iters', 20, 'calls per timed batch')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed batches (median)')
 _CHECK = flags.DEFINE_bool('check', True, 'compare kernels with the reference first')
@@ -157,14 +164,19 @@ def bwd_config(spec):
   return mosaic_gpu_backward.Config(*map(int, fields[:2]), *fields[2:])
 
 
+def sm_count():
+  """The GPU's SM count (as JAX's Pallas GPU ops read it): a persistent kernel's CTAs."""
+  return jax.devices()[0].core_count
+
+
 def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
-              backward=mosaic_gpu_backward.Config()):
+              backward=mosaic_gpu_backward.Config(), persistent_ctas=0):
   """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts.
   method: the tables' (default: the first of --select_method); backward: the
-  Mosaic backward's Config (impl 'mosaic_vjp')."""
+  Mosaic backward's Config (impl 'mosaic_vjp'); persistent_ctas: the forward's."""
   visible = visible_tiles(seq, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
-  config = mosaic_gpu.Config(stages, backward)
+  config = mosaic_gpu.Config(stages, backward, persistent_ctas)
   method = method or _SELECT_METHODS.value[0]
   select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k, method))
 
@@ -228,6 +240,14 @@ def check_kernels():
     print(f'check mosaic case {seed}: rel err {err:.2e}')
     if not err < 2e-2 or rows[-1]['nan']:
       raise SystemExit(f'mosaic kernel mismatch in case {seed}: rel err {err}')
+    if _PERSISTENT.value:   # the same tiles in another order: the same bits
+      config = mosaic_gpu.Config(persistent_ctas=sm_count())
+      same = np.array_equal(out, mosaic_gpu.sparse_attention_fwd(
+          q, k, v, tables, kv_len, prefix, block_sizes=sizes, config=config)[0])
+      rows[-1]['persistent_same'] = bool(same)
+      print(f'check mosaic case {seed}: persistent forward bit-identical: {same}')
+      if not same:
+        raise SystemExit(f'the persistent forward differs in case {seed}')
     # Gradients (the Mosaic custom_vjp) and the Triton forward.
     w = jax.random.normal(keys[0], q.shape, jnp.float32)
     def loss(fn):
@@ -292,6 +312,13 @@ def bench_seq(seq, prefix, variant, baselines):
       res['ms'][name + '_select'] = time_ms(select, q, k)
       res['tflops'][name + '_kernel'] = (res['tflops'][name] * res['ms'][name]
                                          / res['ms'][name + '_kernel'])
+    if _PERSISTENT.value and sparsity in (0.0, 0.65):
+      run_p, _, kernel_p = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages,
+                                     persistent_ctas=sm_count())
+      res['ms'][name + '_persistent'] = time_ms(run_p, q, k, v)
+      res['ms'][name + '_persistent_kernel'] = time_ms(kernel_p, q, k, v, tables)
+      res.setdefault('persistent_same', {})[name] = bool(np.array_equal(
+          kernel(q, k, v, tables), kernel_p(q, k, v, tables)))
     if sparsity == 0.65:   # the other selection methods, in the same run
       want = jax.device_get((tables.kv_ids, tables.kv_count))
       for method in _SELECT_METHODS.value[1:]:
@@ -336,12 +363,14 @@ def bench_fwdbwd(seq, block_k, baselines):
       res['ms'][name] = time_ms(grad_fn(fn), q, k, v)
     except Exception as e:
       print(f'{name} fwd+bwd failed at {seq}: {type(e).__name__}: {str(e)[:300]}')
-  runs = [('ours_dense', 0.0, '2x2'), ('ours_s65', 0.65, '2x2')]
-  runs += [(f'ours_s65_bwd{spec}', 0.65, spec) for spec in _BWD_CONFIGS.value]
-  for name, sparsity, spec in runs:
+  runs = [('ours_dense', 0.0, '2x2', 0), ('ours_s65', 0.65, '2x2', 0)]
+  runs += [(f'ours_s65_bwd{spec}', 0.65, spec, 0) for spec in _BWD_CONFIGS.value]
+  if _PERSISTENT.value:
+    runs.append(('ours_s65_persistent', 0.65, '2x2', sm_count()))
+  for name, sparsity, spec, ctas in runs:
     try:
       run = sparse_fn(1.0 - sparsity, seq, 0, block_k, 2, impl='mosaic_vjp',
-                      backward=bwd_config(spec))[0]
+                      backward=bwd_config(spec), persistent_ctas=ctas)[0]
       res['ms'][name] = time_ms(grad_fn(run), q, k, v)
     except Exception as e:   # e.g. a ring that overflows shared memory: reported
       res.setdefault('errors', {})[name] = f'{type(e).__name__}: {str(e)[-300:]}'
@@ -728,7 +757,7 @@ def main(_):
                      decode=decodes), f, indent=1)
   for seq in map(int, _SEQS.value) if 'fwd' in _MODES.value else ():
     for i, variant in enumerate(variants):
-      for prefix in (0, seq // 4) if i == 0 else (0,):
+      for prefix in (0, seq // 4) if i == 0 and _PREFIX.value else (0,):
         results.append(bench_seq(seq, prefix, variant, baselines))
       save()
   for seq in map(int, _BWD_SEQS.value) if 'fwdbwd' in _MODES.value else ():

@@ -19,6 +19,9 @@
 #     a machine's 30-minute hold). DENSE_GPUS=0,1 trains the dense model data-parallel on
 #     both (8.0 steps/s at 256 px on two H200s, against 4.1 on one; docs/results.md).
 #   GATE_EVAL=0 skips the gate-only sweep (its curve); the joint stage then needs JOINT_RULE.
+#   SERVE_RULE: the rule (one of RULES) the report scores the joint model under, where
+#     it serves under another than it trained with (e.g. trained at coverage 0.65,
+#     served at 0.6: docs/results.md, seventh run); default the joint rule.
 #   JOINT_FLAGS: flags for the joint stage and its evals alone (a recipe change under
 #     test); with ABLATE=1 (needs FT_GPU and JOINT_RULE) a second joint run,
 #     joint_ablated, with ABLATE_FLAGS in their place (e.g.
@@ -117,6 +120,8 @@ dense_side() {  # [flags]: the dense model's eval, dense_ft, then (ABLATE) joint
   || { echo "GATE_EVAL=0 leaves no sweep to pick the joint rule from: set JOINT_RULE"; exit 1; }
 [ -z "${ABLATE:-}" ] || { [ -n "${FT_GPU:-}" ] && [ -n "${JOINT_RULE:-}" ]; } \
   || { echo "ABLATE=1 runs beside the joint stage: set FT_GPU and JOINT_RULE"; exit 1; }
+[ -z "${SERVE_RULE:-}" ] || [[ " ${rules[*]} " == *" $SERVE_RULE "* ]] \
+  || { echo "SERVE_RULE=$SERVE_RULE is not one of RULES (${rules[*]}): nothing scores it"; exit 1; }
 first=${targets[0]}
 if [ -n "${JOINT_RULE:-}" ]; then   # one of RULES, e.g. threshold=0,coverage=0.5
   pick=$(python benchmarks/sparse_report.py name "$JOINT_RULE")
@@ -178,6 +183,7 @@ report() {  # once the dense_ft and joint stages' results are in OUT
   fi
   local pick arm curves=()
   pick=$(cat "$out/joint_rule")
+  [ -z "${SERVE_RULE:-}" ] || pick=$(python benchmarks/sparse_report.py name "$SERVE_RULE")
   local arms=(joint)   # the ablated run once its eval is complete
   [ ! -e "$out/joint_ablated.done" ] || arms+=(joint_ablated)
   for arm in "${arms[@]}"; do

@@ -27,26 +27,30 @@ def recipe(out, **env):
 
 def test_recipe_with_a_fixed_rule_no_gate_sweep_and_an_ablated_joint_run(tmp_path):
   (tmp_path / 'DONE').touch()  # left by an unpacked results archive: not this run's end
+  # Trained under coverage 0.6, reported under 0.5 (SERVE_RULE).
   r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', GATE_EVAL='0', FT_GPU='0',
-             ABLATE_FLAGS='--config.model.sparse.dense_text=False', ABLATE='1')
+             ABLATE_FLAGS='--config.model.sparse.dense_text=False', ABLATE='1',
+             SERVE_RULE='threshold=0,coverage=0.5')
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert (tmp_path / 'joint_rule').read_text().strip() == 'threshold0.0_coverage0.6'
   assert not (tmp_path / 'gate_mass' / 'eval').exists()      # GATE_EVAL=0
   assert (tmp_path / 'dense' / 'eval' / 'results.json').exists()
   sparsity = {}
   for arm in ('joint', 'joint_ablated'):
-    got = json.loads((tmp_path / arm / 'eval' / 'threshold0.0_coverage0.6' /
-                      'results.json').read_text())
-    assert got['selection']['coverage'] == 0.6
-    sparsity[arm] = got['sparsity']['sparsity/overall']
+    for coverage in (0.6, 0.5):
+      got = json.loads((tmp_path / arm / 'eval' / f'threshold0.0_coverage{coverage}' /
+                        'results.json').read_text())
+      assert got['selection']['coverage'] == coverage
+      sparsity[arm, coverage] = got['sparsity']['sparsity/overall']
   # The joint recipe keeps the text rows dense (3/4 of a tiny sequence); ABLATE_FLAGS
   # reached the ablated run alone.
-  assert 0 < sparsity['joint'] < sparsity['joint_ablated']
+  assert 0 < sparsity['joint', 0.6] < sparsity['joint_ablated', 0.6]
   report = json.loads((tmp_path / 'sparse_accuracy.json').read_text())
   assert len(report['rows']) == 12
+  assert report['summary']['sparsity']['sparsity/overall'] == sparsity['joint', 0.5]
   assert {c['model'] for c in report['curves']} == {'joint', 'joint_ablated'}
   ablated = json.loads((tmp_path / 'sparse_accuracy_ablated.json').read_text())
-  assert ablated['summary']['sparsity']['sparsity/overall'] == sparsity['joint_ablated']
+  assert ablated['summary']['sparsity']['sparsity/overall'] == sparsity['joint_ablated', 0.5]
   assert not list(tmp_path.glob('*/checkpoints'))             # removed at the end
   assert (tmp_path / 'DONE').exists()
 
@@ -56,6 +60,8 @@ def test_recipe_refuses_what_it_cannot_run_before_training(tmp_path):
   assert r.returncode != 0 and 'set JOINT_RULE' in r.stdout
   r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', ABLATE='1')
   assert r.returncode != 0 and 'set FT_GPU and JOINT_RULE' in r.stdout
+  r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', SERVE_RULE='threshold=0.3')
+  assert r.returncode != 0 and 'SERVE_RULE=threshold=0.3 is not one of RULES' in r.stdout
   assert not (tmp_path / 'dense').exists()   # refused before training anything
 
 

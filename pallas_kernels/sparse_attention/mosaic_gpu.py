@@ -1,8 +1,10 @@
 """Block-sparse attention forward for Hopper, through Pallas Mosaic GPU.
 
-FA3-style: one CTA per (query head, query tile of 2 x 64 rows, batch), three
-warpgroups. The memory warpgroup streams K/V blocks with TMA into a ring of
-`num_stages` shared-memory slots, but only the blocks listed for this tile in
+FA3-style: CTAs of three warpgroups, each CTA computing one (query head,
+query tile of 2 x 64 rows, batch) tile, or with Config.persistent_ctas one
+wave of CTAs looping over the tiles (_work deals them out). The memory
+warpgroup loads each tile's q and streams K/V blocks with TMA into a ring of
+`num_stages` shared-memory slots, but only the blocks listed for the tile in
 `kv_ids[:kv_count]`; the two compute warpgroups each own 64 query rows, run
 QK^T and PV on wgmma, and keep an online softmax in registers. A schedule
 barrier alternates the two warpgroups' softmax with the other's matmuls, so
@@ -44,13 +46,23 @@ M_INIT = -1e30
 class Config:
   """num_stages: K/V shared-memory slots in flight (>= 2). backward: the
   mosaic_gpu_backward.Config of the dq and dk/dv kernels behind
-  sparse_attention's custom_vjp."""
+  sparse_attention's custom_vjp. persistent_ctas: 0 launches a CTA per
+  (query head, query tile, batch); n > 0 launches min(n, tiles) CTAs (the
+  GPU's SM count: one wave) that each loop over tiles, so the K/V ring runs on
+  from one tile to the next and the next tile's q arrives while this one
+  computes (q double-buffered: 64 KiB of shared memory at head_dim 128).
+  Off by default: timed with the batch-slowest tile order it lost (H200, 65%,
+  kernel alone: 0.258 against 0.246 ms at 4k); the balanced order _work now
+  deals is untimed (docs/results.md)."""
   num_stages: int = 2
   backward: mosaic_gpu_backward.Config = mosaic_gpu_backward.Config()
+  persistent_ctas: int = 0
 
   def __post_init__(self):
     if self.num_stages < 2:
       raise ValueError(f"mosaic Config.num_stages={self.num_stages} must be >= 2")
+    if self.persistent_ctas < 0:
+      raise ValueError(f"mosaic Config.persistent_ctas={self.persistent_ctas} must be >= 0")
 
 
 def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):
@@ -70,79 +82,118 @@ def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):
   return jnp.sum(listed & (ends <= limit[..., None]), axis=-1, dtype=jnp.int32)
 
 
-def _compute_wg(refs, scratch, *, qt, n, n_full, row, scale, dtype, num_stages, block_k,
-                interpreted):
-  """One compute warpgroup: 64 query rows against the listed K/V blocks."""
-  q_ref, out_ref, lse_ref, ids_ref, kv_len_ref, prefix_ref = refs
-  (qo_smem2, k_smem, v_smem, lse_smem2), barriers = scratch
-  (k_bar, v_bar, q_bar), (k_done, v_done), sched = barriers
-  b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-  plgpu.set_max_registers(232, action="increase")
-  qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-  q_base = qt * TILE_Q + wg * WG_ROWS
-  head_dim = qo_smem.shape[-1]
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """What the kernel bodies need to know at trace time."""
+  block_k: int
+  num_stages: int
+  scale: float          # sm_scale * log2(e): logits in log2 units, for exp2
+  dtype: jnp.dtype
+  interpreted: bool
+  batch: int
+  hq: int
+  group: int            # query heads per kv head
+  n_q: int              # query tiles a (batch, head)
+  width: int            # row width of the tables
+  ctas: int             # CTAs launched (_work deals them the tiles)
+  q_bufs: int           # q buffers: 2 where a CTA has several tiles
+
+  @property
+  def tiles(self) -> int:
+    return self.batch * self.hq * self.n_q
+
+
+def _work(c, i, st: _Static):
+  """(batch, query head, query tile, table row) of CTA c's i-th tile.
+
+  Tiles count heads fastest, then the batch, then query tiles from the last:
+  under a causal or prefix-LM mask with a budget that grows with the visible
+  blocks, longest first over the whole batch. CTA c takes tile c, then
+  2P - 1 - c, 2P + c, ... (P CTAs): a snake, so no CTA gets the longest tile
+  of every round. With the batch slowest instead, every batch restarts the
+  descent and the snake overloads some CTAs by ~25% at 4k (4 x 32 tiles a
+  head; see docs/results.md).
+  """
+  p = st.ctas
+  w = i * p + jnp.where(lax.rem(i, 2) == 0, c, p - 1 - c)
+  h, r = lax.rem(w, st.hq), lax.div(w, st.hq)
+  b, qt = lax.rem(r, st.batch), st.n_q - 1 - lax.div(r, st.batch)
+  return b, h, qt, (b * (st.hq // st.group) + lax.div(h, st.group)) * st.n_q + qt
+
+
+def _tile_count(c, st: _Static):
+  """How many tiles CTA c takes (_work's snake over st.tiles)."""
+  rounds, rest = divmod(st.tiles, st.ctas)
+  last = c if rounds % 2 == 0 else st.ctas - 1 - c
+  return rounds + jnp.asarray(last < rest, jnp.int32)
+
+
+def _attend(qo_smem, ring, ids_ref, *, q_base, n, n_full, row, pos, lens, st: _Static):
+  """Online softmax of one compute warpgroup's 64 query rows (in qo_smem) over
+  the tile's n listed K/V blocks, which arrive in ring positions pos, pos + 1,
+  ... (slot: position mod num_stages). Returns (acc, m_i, l_i)."""
+  k_smem, v_smem, (k_bar, v_bar), (k_done, v_done), sched = ring
+  kv_len, prefix = lens
+  wg = lax.axis_index("wg")
+  slot_of = lambda j: lax.rem(pos + j, st.num_stages)
+  shape = (WG_ROWS, st.block_k)
 
   def schedule():
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(sched)
 
-  plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, WG_ROWS), h], qo_smem, q_bar.at[wg])
-  plgpu.barrier_wait(q_bar.at[wg])
   wgmma_row = plgpu.Layout.WGMMA.reduce(1)
   m_i = plgpu.layout_cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), wgmma_row)
   l_i = plgpu.layout_cast(jnp.full((WG_ROWS,), 0, jnp.float32), wgmma_row)
-  acc = plgpu.layout_cast(jnp.full((WG_ROWS, head_dim), 0, jnp.float32),
+  acc = plgpu.layout_cast(jnp.full((WG_ROWS, qo_smem.shape[-1]), 0, jnp.float32),
                           plgpu.Layout.WGMMA)
 
   @pl.when(n > 0)
   def _():
-    plgpu.barrier_wait(k_bar.at[0])
+    plgpu.barrier_wait(k_bar.at[slot_of(0)])
 
   pl.when(wg == 1)(schedule)
-  kv_len, prefix = kv_len_ref[b], prefix_ref[b]
 
   def step(j, carry, masked):
     acc, m_i, l_i = carry
-    slot = lax.rem(j, num_stages)
+    slot = slot_of(j)
 
     def qk_dot(acc_ref):
       plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
       schedule()
       return acc_ref[...]
-    qk = pl.run_scoped(qk_dot, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+    qk = pl.run_scoped(qk_dot, plgpu.ACC(shape, jnp.float32))
     plgpu.barrier_arrive(k_done.at[slot])
     if masked:
-      shape, layout = (WG_ROWS, block_k), plgpu.Layout.WGMMA
+      layout = plgpu.Layout.WGMMA
       q_pos = q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
-      k_pos = ids_ref[row + j] * block_k + plgpu.broadcasted_iota(
+      k_pos = ids_ref[row + j] * st.block_k + plgpu.broadcasted_iota(
           jnp.int32, shape, 1, layout=layout)
       visible = (k_pos < kv_len) & ((k_pos < prefix) | (k_pos <= q_pos))
       qk = jnp.where(visible, qk, -jnp.inf)
 
     # Scores in log2 units: one FMA per element before exp2.
-    m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
+    m_new = jnp.maximum(m_i, qk.max(axis=1) * st.scale)
     alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(qk * scale - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+    p = jnp.exp2(qk * st.scale - lax.broadcast_in_dim(m_new, qk.shape, [0]))
     acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
     l_i = l_i * alpha + p.sum(axis=1)
-    p16 = p.astype(dtype)
+    p16 = p.astype(st.dtype)
     acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
     plgpu.barrier_arrive(sched)        # softmax done
     plgpu.barrier_wait(v_bar.at[slot])
     plgpu.barrier_wait(sched)          # the other warpgroup left the tensor cores
 
     def wait_next_k():
-      nxt = j + 1
-
-      @pl.when(nxt < n)
+      @pl.when(j + 1 < n)
       def _():
-        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, num_stages)])
+        plgpu.barrier_wait(k_bar.at[slot_of(j + 1)])
 
     def pv_dot(acc_ref):
       plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
       wait_next_k()       # overlaps the next K's arrival with this wgmma
 
-    if interpreted:
+    if st.interpreted:
       # The GPU interpreter (jax 0.11.2) has neither run_state nor wgmma with
       # A in registers: the same product as a plain dot. Compiled code
       # accumulates in place on the tensor cores.
@@ -155,51 +206,113 @@ def _compute_wg(refs, scratch, *, qt, n, n_full, row, scale, dtype, num_stages, 
     return acc, m_new, l_i
 
   carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
-  acc, m_i, l_i = lax.fori_loop(n_full, n, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(n_full, n, functools.partial(step, masked=True), carry)
   pl.when(wg == 0)(schedule)
+  return carry
 
+
+def _store_rows(acc, m_i, l_i, qo_smem, lse_smem, out_rows, lse_rows, dtype):
+  """Issues the TMA stores of 64 normalized output rows (through qo_smem, whose
+  q is spent) and their lse; the caller waits for them."""
   # l_i >= 1 on any row that saw a key (its max contributes exp2(0)); 0 else.
   acc /= lax.broadcast_in_dim(jnp.maximum(l_i, 1.0), acc.shape, [0])
   qo_smem[...] = acc.astype(dtype)
   lse_smem[...] = (m_i + jnp.log2(l_i)) * (1.0 / LOG2E)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, WG_ROWS), h])
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, WG_ROWS)])
+  plgpu.copy_smem_to_gmem(qo_smem, out_rows)
+  plgpu.copy_smem_to_gmem(lse_smem, lse_rows)
+
+
+def _compute_wg(refs, scratch, st: _Static):
+  """One compute warpgroup: 64 query rows of each of this CTA's tiles."""
+  out_ref, lse_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref = refs
+  q_smem, lse_smem2, ring, (q_bar, q_free) = scratch
+  wg, cta = lax.axis_index("wg"), lax.axis_index("ctas")
+  plgpu.set_max_registers(232, action="increase")
+
+  def tile(i, pos):
+    b, h, qt, t = _work(cta, i, st)
+    n, n_full = counts_ref[2 * t], counts_ref[2 * t + 1]
+    buf = lax.rem(i, st.q_bufs)
+    qo_smem, q_base = q_smem.at[buf, wg], qt * TILE_Q + wg * WG_ROWS
+    plgpu.barrier_wait(q_bar.at[buf * COMPUTE_WGS + wg])
+    acc, m_i, l_i = _attend(qo_smem, ring, ids_ref, q_base=q_base, n=n, n_full=n_full,
+                            row=t * st.width, pos=pos, lens=(kv_len_ref[b], prefix_ref[b]),
+                            st=st)
+    _store_rows(acc, m_i, l_i, qo_smem, lse_smem2.at[wg],
+                out_ref.at[b, pl.ds(q_base, WG_ROWS), h],
+                lse_ref.at[b, h, pl.ds(q_base, WG_ROWS)], st.dtype)
+    # Once the stores have read them, q's buffer may take a later tile's q
+    # and lse's this warpgroup's next rows.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.barrier_arrive(q_free.at[buf])
+    return pos + n
+
+  lax.fori_loop(0, _tile_count(cta, st), tile, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
 
-def _memory_wg(refs, scratch, *, n, row, group, num_stages, block_k):
-  """The TMA warpgroup: fetch listed K/V blocks into the slot ring."""
-  k_ref, v_ref, ids_ref = refs
-  (_, k_smem, v_smem, _), barriers = scratch
-  (k_bar, v_bar, _), (k_done, v_done), _ = barriers
+def _memory_wg(refs, scratch, st: _Static):
+  """The TMA warpgroup: each tile's q, and its listed K/V blocks into the ring."""
+  q_ref, k_ref, v_ref, ids_ref, counts_ref = refs
+  q_smem, _, (k_smem, v_smem, (k_bar, v_bar), (k_done, v_done), _), (q_bar, q_free) = scratch
   plgpu.set_max_registers(40, action="decrease")
-  b, h = lax.axis_index("batch"), lax.axis_index("heads")
-  kv_head = lax.div(h, group)
+  cta = lax.axis_index("ctas")
+  count = _tile_count(cta, st)
 
-  def fetch(kb, slot):
-    rows = (b, pl.ds(kb * block_k, block_k), kv_head)
-    plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+  def load_q(i):
+    b, h, qt, _ = _work(cta, i, st)
+    buf = lax.rem(i, st.q_bufs)
+    for wg in range(COMPUTE_WGS):
+      rows = (b, pl.ds(qt * TILE_Q + wg * WG_ROWS, WG_ROWS), h)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[buf, wg],
+                              q_bar.at[buf * COMPUTE_WGS + wg])
 
-  for i in range(num_stages):
-    pl.when(i < n)(lambda i=i: fetch(ids_ref[row + i], i))
+  pl.when(count > 0)(lambda: load_q(0))
 
-  @pl.loop(0, jnp.maximum(n - num_stages, 0))
-  def _(j):
-    slot = lax.rem(j, num_stages)
-    kb = ids_ref[row + j + num_stages]   # load before the waits: hides its latency
-    plgpu.barrier_wait(k_done.at[slot])
-    plgpu.barrier_wait(v_done.at[slot])
-    fetch(kb, slot)
+  def tile(i, pos):
+    b, h, _, t = _work(cta, i, st)
+    n, row, kv_head = counts_ref[2 * t], t * st.width, lax.div(h, st.group)
 
-  # Observe the last consumptions too, so every barrier phase is waited on
-  # before the CTA ends (the interpreter checks this; it costs nothing here).
-  @pl.loop(jnp.maximum(n - num_stages, 0), n)
-  def _(j):
-    slot = lax.rem(j, num_stages)
-    plgpu.barrier_wait(k_done.at[slot])
-    plgpu.barrier_wait(v_done.at[slot])
+    def fetch(j):
+      slot = lax.rem(pos + j, st.num_stages)
+      kb = ids_ref[row + j]   # load before the waits: hides its latency
+
+      @pl.when(pos + j >= st.num_stages)
+      def _():
+        plgpu.barrier_wait(k_done.at[slot])
+        plgpu.barrier_wait(v_done.at[slot])
+      rows = (b, pl.ds(kb * st.block_k, st.block_k), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+    # The first blocks wait only on the last tile's; then the next tile's q,
+    # which waits for the tile that last used its buffer to store its output.
+    first = jnp.minimum(n, st.num_stages)
+    pl.loop(0, first)(fetch)
+
+    @pl.when(i + 1 < count)
+    def _():
+      pl.when(i + 1 >= st.q_bufs)(
+          lambda: plgpu.barrier_wait(q_free.at[lax.rem(i + 1, st.q_bufs)]))
+      load_q(i + 1)
+
+    pl.loop(first, n)(fetch)
+    return pos + n
+
+  total = lax.fori_loop(0, count, tile, jnp.int32(0))
+
+  # Observe the last consumptions and stores too, so every barrier phase is
+  # waited on before the CTA ends (the interpreter checks this; it costs
+  # nothing here).
+  @pl.loop(jnp.maximum(total - st.num_stages, 0), total)
+  def _(p):
+    plgpu.barrier_wait(k_done.at[lax.rem(p, st.num_stages)])
+    plgpu.barrier_wait(v_done.at[lax.rem(p, st.num_stages)])
+
+  @pl.loop(jnp.maximum(count - st.q_bufs, 0), count)
+  def _(i):
+    plgpu.barrier_wait(q_free.at[lax.rem(i, st.q_bufs)])
 
 
 def unsupported(q, k, block_sizes) -> str | None:
@@ -236,10 +349,15 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
   """
   _check(q, k, v, tables, block_sizes)
   b, t, hq, d = q.shape
-  hkv = k.shape[2]
   bk, dtype = block_sizes.block_k, q.dtype
-  scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
-  n_q, width = t // TILE_Q, tables.kv_ids.shape[-1]
+  n_q = t // TILE_Q
+  tiles = b * hq * n_q
+  ctas = min(config.persistent_ctas, tiles) if config.persistent_ctas else tiles
+  st = _Static(block_k=bk, num_stages=config.num_stages,
+               scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, dtype=dtype,
+               interpreted=interpret is not None, batch=b, hq=hq, group=hq // k.shape[2],
+               n_q=n_q, width=tables.kv_ids.shape[-1], ctas=ctas,
+               q_bufs=1 if ctas == tiles else 2)
   kv_len = jnp.asarray(kv_len, jnp.int32)
   prefix_len = jnp.asarray(prefix_len, jnp.int32)
   n_full = full_counts(tables.kv_ids, tables.kv_count, kv_len, prefix_len, bk)
@@ -249,47 +367,34 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
 
   def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref,
            out_ref, lse_ref, *scratch):
-    bi, h = lax.axis_index("batch"), lax.axis_index("heads")
-    # Last tile first: causal tiles grow with the index, and launching the
-    # long ones first keeps the final wave short.
-    qt = n_q - 1 - lax.axis_index("q_seq")
-    tile = (bi * hkv + lax.div(h, hq // hkv)) * n_q + qt
-    n, n_full = counts_ref[2 * tile], counts_ref[2 * tile + 1]
-    smem, barriers = scratch[:4], scratch[4:]
-    scratch = (smem, barriers)
-
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
-      _compute_wg((q_ref, out_ref, lse_ref, ids_ref, kv_len_ref, prefix_ref), scratch,
-                  qt=qt, n=n, n_full=n_full, row=tile * width, scale=scale, dtype=dtype,
-                  num_stages=config.num_stages, block_k=bk,
-                  interpreted=interpret is not None)
+      _compute_wg((out_ref, lse_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref), scratch, st)
 
     @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
     def _():
-      _memory_wg((k_ref, v_ref, ids_ref), scratch, n=n, row=tile * width,
-                 group=hq // hkv, num_stages=config.num_stages, block_k=bk)
+      _memory_wg((q_ref, k_ref, v_ref, ids_ref, counts_ref), scratch, st)
 
   transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
                 plgpu.SwizzleTransform(128))
-  stages = config.num_stages
-  scratch = (
-      plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype, transforms=transforms),
-      plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
-      plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
-      plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
-      (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-       plgpu.Barrier(num_barriers=COMPUTE_WGS)),
-      (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
-      plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-  )
+  stages, arrivals = config.num_stages, dict(num_arrivals=COMPUTE_WGS)
+  ring = (plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+          plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+          (plgpu.Barrier(num_barriers=stages),) * 2,
+          (plgpu.Barrier(**arrivals, num_barriers=stages),) * 2,
+          plgpu.Barrier(**arrivals))
+  scratch = (plgpu.SMEM((st.q_bufs, COMPUTE_WGS, WG_ROWS, d), dtype, transforms=transforms),
+             plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
+             ring,
+             (plgpu.Barrier(num_barriers=st.q_bufs * COMPUTE_WGS),
+              plgpu.Barrier(**arrivals, num_barriers=st.q_bufs)))
   out, lse = plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((b, hq, t), jnp.float32)),
       scratch_types=scratch,
-      grid=(hq, n_q, b),
-      grid_names=("heads", "q_seq", "batch"),
+      grid=(ctas,),
+      grid_names=("ctas",),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -5,18 +5,23 @@ The interpreter simulates the three warpgroups, TMA copies and barriers, so
 the pipeline's synchronisation is checked too (it fails on a barrier phase
 nobody waited for). It runs the same kernel as the GPU except for the PV
 product: jax 0.11.2's interpreter lacks run_state and register-A wgmma, so
-there the product is a plain dot (mosaic_gpu._compute_wg says where).
+there the product is a plain dot (mosaic_gpu._attend says where).
 """
 
+import contextlib
 import functools
+import io
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sparse_attention import BlockSizes, BlockTables, mosaic_gpu
 from pallas_kernels.sparse_attention import block_tables as bt
-from tests.pallas_kernels.sparse_attention_base import SparseAttentionTestBase
+from tests.pallas_kernels.sparse_attention_base import (
+    CASES, SparseAttentionTestBase, make_inputs)
 
 
 class TestMosaicInterpret(SparseAttentionTestBase):
@@ -30,9 +35,92 @@ class TestMosaicInterpret(SparseAttentionTestBase):
     return case_id in ('random_ragged_gqa4-bfloat16', 'empty_rows-bfloat16')
 
 
+def _forward(x, config=mosaic_gpu.Config(), detect_races=False):
+  # Wait for the run: the interpreter dispatches JAX ops from its callback
+  # threads, and eager ops issued on this thread meanwhile can deadlock with them.
+  return jax.block_until_ready(mosaic_gpu.sparse_attention_fwd(
+      x.q, x.k, x.v, x.tables, x.kv_len, x.prefix_len, block_sizes=x.block_sizes,
+      config=config, interpret=plgpu.InterpretGPUParams(detect_races=detect_races)))
+
+
+_PERSISTENT_CASES = {c.name: c for c in CASES}
+
+
+@pytest.mark.parametrize('name, block_k, ctas', [
+    ('random_ragged_gqa4', 64, 3), ('empty_rows', 128, 5), ('kv_longer_than_q', 64, 1),
+    ('all_blocks_ragged_gqa4', 128, 64)])
+def test_persistent_ctas_give_the_same_bits(name, block_k, ctas):
+  """Config.persistent_ctas: each CTA loops over its tiles (the K/V ring and
+  the q buffers running on from tile to tile), and every tile is computed as
+  with a CTA of its own, so out and lse are bit-identical. ctas 1: one CTA
+  takes every tile; 64: more CTAs than tiles."""
+  x = make_inputs(_PERSISTENT_CASES[name], jnp.bfloat16, 64, BlockSizes(128, block_k), 3)
+  want = _forward(x)
+  got = _forward(x, mosaic_gpu.Config(persistent_ctas=ctas))
+  for n, g, w in zip(('out', 'lse'), got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), n)
+
+
+@pytest.mark.parametrize('ctas', [0, 4])
+def test_no_races(ctas):
+  """The interpreter's race detector over the forward, one tile a CTA and
+  persistent (ring refills within and across tiles; q buffers reused)."""
+  case = _PERSISTENT_CASES['random_ragged_gqa4']
+  x = make_inputs(case, jnp.bfloat16, 64, BlockSizes(128, 64), 3)
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):   # the detector prints each race it finds
+    _forward(x, mosaic_gpu.Config(persistent_ctas=ctas), detect_races=True)
+  assert 'RACE' not in log.getvalue(), log.getvalue()[:2000]
+
+
+@pytest.mark.parametrize('batch, hq, n_q, ctas', [(2, 4, 3, 5), (1, 16, 32, 132), (3, 2, 2, 1),
+                                                  (2, 8, 8, 16), (1, 2, 1, 7)])
+def test_persistent_ctas_take_every_tile_once(batch, hq, n_q, ctas):
+  """_work's snake over the tiles: each tile once, longest (last query tile,
+  whatever the batch) first in every CTA's list, and no CTA over one tile
+  above the average."""
+  ctas = min(ctas, batch * hq * n_q)
+  st = mosaic_gpu._Static(block_k=64, num_stages=2, scale=1.0, dtype=jnp.bfloat16,
+                          interpreted=True, batch=batch, hq=hq, group=2 if hq > 1 else 1,
+                          n_q=n_q, width=1, ctas=ctas, q_bufs=2)
+  seen = []
+  for c in range(ctas):
+    count = int(mosaic_gpu._tile_count(c, st))
+    tiles = [tuple(int(v) for v in mosaic_gpu._work(c, i, st)) for i in range(count)]
+    assert count <= -(-st.tiles // ctas)
+    qts = [qt for _, _, qt, _ in tiles]
+    assert qts == sorted(qts, reverse=True)
+    for b, h, qt, row in tiles:   # the table row of (batch, kv head, query tile)
+      assert row == (b * (hq // st.group) + h // st.group) * n_q + qt
+    seen += [t[:3] for t in tiles]
+  want = [(b, h, qt) for b in range(batch) for h in range(hq) for qt in range(n_q)]
+  assert sorted(seen) == want
+
+
+@pytest.mark.parametrize('batch, n_q', [(4, 32), (2, 64), (8, 16)])
+@pytest.mark.parametrize('keep', [1.0, 0.35])
+def test_persistent_snake_balances_causal_tiles(batch, n_q, keep):
+  """The H200's 132 CTAs over the benchmark's causal tiles (16 heads, budget
+  ceil(keep x visible blocks)): the busiest CTA's blocks stay within 3% of the
+  mean plus one tile. Batch-slowest order overloaded some by ~25% at 4k."""
+  hq, ctas = 16, 132
+  st = mosaic_gpu._Static(block_k=128, num_stages=2, scale=1.0, dtype=jnp.bfloat16,
+                          interpreted=True, batch=batch, hq=hq, group=4, n_q=n_q, width=1,
+                          ctas=ctas, q_bufs=2)
+  blocks = lambda qt: int(np.ceil(keep * (qt + 1)))
+  loads = [sum(blocks(int(mosaic_gpu._work(c, i, st)[2]))
+               for i in range(int(mosaic_gpu._tile_count(c, st)))) for c in range(ctas)]
+  mean = sum(blocks(qt) for qt in range(n_q)) * batch * hq / ctas
+  assert max(loads) <= 1.03 * mean + blocks(n_q - 1), (max(loads), mean)
+
+
+def test_persistent_ctas_must_not_be_negative():
+  with pytest.raises(ValueError, match='persistent_ctas=-1'):
+    mosaic_gpu.Config(persistent_ctas=-1)
+
+
 def test_tables_from_scores_without_q_tables_still_differentiate():
   """kv tables alone (the gate's inference path) get q tables in the backward."""
-  import jax
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q = jax.random.normal(keys[0], (1, 256, 2, 64), jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, 256, 1, 64), jnp.bfloat16)
