@@ -1,10 +1,11 @@
 """The block-sparse attention seam: kernels that visit only listed tiles.
 
 A layer with a gate calls `sparse_attend(q, k, v, mask, tables)`; which kernel
-runs is the config's `model.sparse.kernel` ('reference' | 'triton' | 'mosaic'
-| 'auto'), a separate knob from the dense `model.attention`. The element mask
-(causal, prefix, padding) still comes from `MaskSpec`; the tables only say
-which (query block, key block) tiles are computed at all.
+runs is the config's `model.sparse.kernel` ('reference' | 'triton' | 'mosaic' |
+'mosaic_persistent' | 'tpu' | 'auto'), a separate knob from the dense
+`model.attention`. The element mask (causal, prefix, padding) still comes from
+`MaskSpec`; the tables only say which (query block, key block) tiles are
+computed at all.
 
 Every implementation has the signature
   fn(q, k, v, mask, tables, block_sizes) -> [B, T, Hq, D]
@@ -72,13 +73,23 @@ def _reference(q, k, v, mask, tables, block_sizes):
 
 
 @register('mosaic')
-def _mosaic(q, k, v, mask, tables, block_sizes):
-  """Hopper: the FA3-style Mosaic GPU forward, Triton backward."""
+def _mosaic(q, k, v, mask, tables, block_sizes, persistent=False):
+  """Hopper: the FA3-style Mosaic GPU forward and backward kernels."""
   from pallas_kernels.sparse_attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
   if not _is_hopper():
-    raise NotImplementedError("sparse kernel 'mosaic' needs a Hopper GPU (sm_90)")
+    raise NotImplementedError("sparse kernels 'mosaic' and 'mosaic_persistent' need a Hopper "
+                              "GPU (sm_90)")
+  config = mosaic_gpu.Config(persistent_ctas=jax.devices()[0].core_count if persistent else 0)
   return mosaic_gpu.sparse_attention(q, k, v, tables, mask.kv_len, prefix_for(mask),
-                                     block_sizes=block_sizes)
+                                     block_sizes=block_sizes, config=config)
+
+
+@register('mosaic_persistent')
+def _mosaic_persistent(q, k, v, mask, tables, block_sizes):
+  """'mosaic' with its forward as one wave of CTAs (the SM count) looping over
+  the tiles (mosaic_gpu.Config.persistent_ctas); not yet timed faster
+  (docs/results.md), so 'auto' does not pick it."""
+  return _mosaic(q, k, v, mask, tables, block_sizes, persistent=True)
 
 
 def _is_hopper():
@@ -191,7 +202,7 @@ def _triton_tiles_fit(block_k, head_dim):
 
 def decode_implementation(kernel):
   """The sparse_decode implementation for a model.sparse.kernel: itself where
-  it has a decode version, else 'auto' ('mosaic' and 'tpu' have none)."""
+  it has a decode version, else 'auto' (the 'mosaic' kernels and 'tpu' have none)."""
   return kernel if kernel in _DECODE.names() else 'auto'
 
 

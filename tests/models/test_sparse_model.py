@@ -338,5 +338,5 @@ def test_cache_layout_and_the_decode_flag_is_checked():
     build(sparse_config(decode=None))                     # what the type check lets through
   # Kernels with no decode version decode through 'auto'.
   assert [ops.sparse_attention.decode_implementation(k)
-          for k in ('mosaic', 'tpu', 'triton', 'reference', 'auto')] == \
-      ['auto', 'auto', 'triton', 'reference', 'auto']
+          for k in ('mosaic', 'mosaic_persistent', 'tpu', 'triton', 'reference', 'auto')] == \
+      ['auto', 'auto', 'auto', 'triton', 'reference', 'auto']
