@@ -96,11 +96,15 @@ class _Static:
   n_q: int              # query tiles a (batch, head)
   width: int            # row width of the tables
   ctas: int             # CTAs launched (_work deals them the tiles)
-  q_bufs: int           # q buffers: 2 where a CTA has several tiles
 
   @property
   def tiles(self) -> int:
     return self.batch * self.hq * self.n_q
+
+  @property
+  def q_bufs(self) -> int:
+    """q buffers: 2 where a CTA has several tiles (the next one's q loads early)."""
+    return 1 if self.ctas == self.tiles else 2
 
 
 def _work(c, i, st: _Static):
@@ -356,8 +360,7 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
   st = _Static(block_k=bk, num_stages=config.num_stages,
                scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, dtype=dtype,
                interpreted=interpret is not None, batch=b, hq=hq, group=hq // k.shape[2],
-               n_q=n_q, width=tables.kv_ids.shape[-1], ctas=ctas,
-               q_bufs=1 if ctas == tiles else 2)
+               n_q=n_q, width=tables.kv_ids.shape[-1], ctas=ctas)
   kv_len = jnp.asarray(kv_len, jnp.int32)
   prefix_len = jnp.asarray(prefix_len, jnp.int32)
   n_full = full_counts(tables.kv_ids, tables.kv_count, kv_len, prefix_len, bk)

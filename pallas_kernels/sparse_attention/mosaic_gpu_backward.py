@@ -133,34 +133,29 @@ def _transforms(dtype):
           plgpu.SwizzleTransform(128))
 
 
-def _dots_t(pairs, rows, cols):
-  """[a @ b^T for (a, b) in pairs], all operands in shared memory, [rows, cols]
-  f32 each: issued as one wgmma group, so the warpgroup waits once for all."""
-  def body(*acc_refs):
-    for acc_ref, (a_smem, b_smem) in zip(acc_refs, pairs):
-      plgpu.wgmma(acc_ref, a_smem, b_smem.transpose((1, 0)))
-    return tuple(acc_ref[...] for acc_ref in acc_refs)
-  return pl.run_scoped(body, *[plgpu.ACC((rows, cols), jnp.float32)] * len(pairs))
+def _dot_t(a_smem, b_smem, rows, cols):
+  """a @ b^T on wgmma, both operands in shared memory: [rows, cols] f32."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, b_smem.transpose((1, 0)))
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC((rows, cols), jnp.float32))
 
 
-def _mmas(terms, interpreted):
-  """[acc + a @ b for (acc, a, b_smem) in terms], `a` in registers (wgmma), b
-  in shared memory; one wgmma group, one wait."""
+def _mma(acc, a, b_smem, interpreted):
+  """acc + a @ b with `a` in registers (wgmma), b in shared memory."""
   if interpreted:
     # The GPU interpreter (jax 0.11.2) has neither run_state nor wgmma with A
-    # in registers: the same products as plain dots. Compiled: wgmma in place.
-    out = [acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
-           for acc, a, b_smem in terms]
+    # in registers: the same product as a plain dot. Compiled: wgmma in place.
+    acc = acc + jnp.dot(a, b_smem[...], preferred_element_type=jnp.float32)
     # wgmma reads b through the async proxy, as TMA writes it; the dot reads
     # it through the generic one, so order that read before the slot's next
     # TMA write as the interpreter's race detector wants.
     plgpu.commit_smem()
-    return out
+    return acc
 
-  def body(acc_refs):
-    for acc_ref, (_, a, b_smem) in zip(acc_refs, terms):
-      plgpu.wgmma(acc_ref, a, b_smem)
-  return list(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms)))
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b_smem)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 def _zeros(shape):
@@ -233,16 +228,16 @@ def _dq_compute_wg(refs, smem, bars, *, qt, n, n_full, row, st: _Static):
   def step(j, dq, masked):
     slot = lax.rem(j, st.stages)
     plgpu.barrier_wait(k_bar.at[slot])
-    s, = _dots_t(((q_smem, k_smem.at[slot]),), *shape)   # while v may still arrive
+    s = _dot_t(q_smem, k_smem.at[slot], *shape)   # while v may still arrive
     plgpu.barrier_wait(v_bar.at[slot])
-    dp, = _dots_t(((do_smem, v_smem.at[slot]),), *shape)
+    dp = _dot_t(do_smem, v_smem.at[slot], *shape)
     plgpu.barrier_arrive(v_done.at[slot])
     if masked:
       s = _mask(s, q_base, ids_ref[row + j] * st.block_k, kv_len, prefix, q_axis=0)
     # Rows with no visible key have lse 0 (see backward); their s is -inf.
     p = jnp.exp2(s * st.scale - lax.broadcast_in_dim(lse, shape, [0]))
     ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
-    dq, = _mmas([(dq, ds.astype(st.dtype), k_smem.at[slot])], st.interpreted)
+    dq = _mma(dq, ds.astype(st.dtype), k_smem.at[slot], st.interpreted)
     plgpu.barrier_arrive(k_done.at[slot])
     return dq
 
@@ -321,8 +316,8 @@ def _dq(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
 def _dv_and_dp_t(dv, p_t, v_smem, do_smem, interpreted):
   """(dv + pT dO, v dO^T) as one wgmma group: one wait for both, as in
   attention_mgpu.py."""
-  if interpreted:   # as in _mmas: register-A wgmma and run_state are compiled-only
-    return _mmas([(dv, p_t, do_smem)], True)[0], _dots_t(((v_smem, do_smem),), *p_t.shape)[0]
+  if interpreted:   # as in _mma: register-A wgmma and run_state are compiled-only
+    return _mma(dv, p_t, do_smem, True), _dot_t(v_smem, do_smem, *p_t.shape)
 
   def body(refs):
     dv_ref, dp_ref = refs
@@ -337,11 +332,13 @@ def _dkv_tile(carry, kv_smem, q_smem, do_smem, lse_smem, delta_smem, mask, st: _
   dk, dv = carry
   k_smem, v_smem = kv_smem
   shape = (WG_ROWS, WG_ROWS)
-  s_t, = _dots_t(((k_smem, q_smem),), *shape)
-  p_t = _probs_t(s_t, lse_smem, mask, st)
+  s_t = _dot_t(k_smem, q_smem, *shape)
+  if mask is not None:
+    s_t = mask(s_t)
+  p_t = jnp.exp2(s_t * st.scale - _col_bcast(lse_smem, shape))
   dv, dp_t = _dv_and_dp_t(dv, p_t.astype(st.dtype), v_smem, do_smem, st.interpreted)
   ds_t = p_t * (dp_t - _col_bcast(delta_smem, shape))
-  dk, = _mmas([(dk, ds_t.astype(st.dtype), q_smem)], st.interpreted)
+  dk = _mma(dk, ds_t.astype(st.dtype), q_smem, st.interpreted)
   return dk, dv
 
 
@@ -349,13 +346,6 @@ def _col_bcast(vec_smem, shape):
   """A per-query vector from shared memory, broadcast over a keys x queries tile."""
   vec = plgpu.load(vec_smem, layout=plgpu.Layout.WGMMA.reduce(0))
   return lax.broadcast_in_dim(vec, shape, [1])
-
-
-def _probs_t(s_t, lse_smem, mask, st: _Static):
-  """pT = exp(sT - lse) of a keys x queries tile, masked first if it must be."""
-  if mask is not None:
-    s_t = mask(s_t)
-  return jnp.exp2(s_t * st.scale - _col_bcast(lse_smem, s_t.shape))
 
 
 def _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, keys, dtype):

@@ -82,7 +82,7 @@ def test_persistent_ctas_take_every_tile_once(batch, hq, n_q, ctas):
   ctas = min(ctas, batch * hq * n_q)
   st = mosaic_gpu._Static(block_k=64, num_stages=2, scale=1.0, dtype=jnp.bfloat16,
                           interpreted=True, batch=batch, hq=hq, group=2 if hq > 1 else 1,
-                          n_q=n_q, width=1, ctas=ctas, q_bufs=2)
+                          n_q=n_q, width=1, ctas=ctas)
   seen = []
   for c in range(ctas):
     count = int(mosaic_gpu._tile_count(c, st))
@@ -106,7 +106,7 @@ def test_persistent_snake_balances_causal_tiles(batch, n_q, keep):
   hq, ctas = 16, 132
   st = mosaic_gpu._Static(block_k=128, num_stages=2, scale=1.0, dtype=jnp.bfloat16,
                           interpreted=True, batch=batch, hq=hq, group=4, n_q=n_q, width=1,
-                          ctas=ctas, q_bufs=2)
+                          ctas=ctas)
   blocks = lambda qt: int(np.ceil(keep * (qt + 1)))
   loads = [sum(blocks(int(mosaic_gpu._work(c, i, st)[2]))
                for i in range(int(mosaic_gpu._tile_count(c, st)))) for c in range(ctas)]

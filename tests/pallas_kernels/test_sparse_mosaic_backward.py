@@ -4,7 +4,7 @@ interpreter on the CPU, against jax.vjp of the f32 jnp reference.
 The interpreter simulates the warpgroups, TMA copies, barriers and wgmma, so
 the pipelines' synchronisation is checked too (a barrier phase nobody waited
 for fails; test_no_races runs its race detector). Only the products with the
-A operand in registers are plain dots here (mosaic_gpu_backward._mmas says
+A operand in registers are plain dots here (mosaic_gpu_backward._mma says
 why). The forward's out and lse come from jnp, so these tests do not depend
 on a forward kernel, except test_with_the_mosaic_forward.
 """
@@ -227,5 +227,3 @@ def test_dkv_launch_order_changes_no_gradient():
                        mosaic_gpu_backward.Config(dkv_order=order))
   with pytest.raises(ValueError, match="dkv_order='diagonal'"):
     mosaic_gpu_backward.Config(dkv_order='diagonal')
-
-
