@@ -115,7 +115,7 @@ def _work(c, i, st: _Static):
   blocks, longest first over the whole batch. CTA c takes tile c, then
   2P - 1 - c, 2P + c, ... (P CTAs): a snake, so no CTA gets the longest tile
   of every round. With the batch slowest instead, every batch restarts the
-  descent and the snake overloads some CTAs by ~25% at 4k (4 x 32 tiles a
+  descent and the snake overloads some CTAs by 26-29% at 4k (4 x 32 tiles a
   head; see docs/results.md).
   """
   p = st.ctas

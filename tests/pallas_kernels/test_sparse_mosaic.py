@@ -102,7 +102,7 @@ def test_persistent_ctas_take_every_tile_once(batch, hq, n_q, ctas):
 def test_persistent_snake_balances_causal_tiles(batch, n_q, keep):
   """The H200's 132 CTAs over the benchmark's causal tiles (16 heads, budget
   ceil(keep x visible blocks)): the busiest CTA's blocks stay within 3% of the
-  mean plus one tile. Batch-slowest order overloaded some by ~25% at 4k."""
+  mean plus one tile. Batch-slowest order overloaded some by 26-29% at 4k."""
   hq, ctas = 16, 132
   st = mosaic_gpu._Static(block_k=128, num_stages=2, scale=1.0, dtype=jnp.bfloat16,
                           interpreted=True, batch=batch, hq=hq, group=4, n_q=n_q, width=1,
