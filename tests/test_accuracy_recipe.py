@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RULES = 'threshold=0,coverage=0.6 threshold=0,coverage=0.5'
@@ -71,3 +72,20 @@ def test_poll_on_a_machine_without_the_job_says_so_at_once(tmp_path):
                       str(tmp_path / 'gone.log'), '600', str(tmp_path)],
                      cwd=ROOT, capture_output=True, text=True, timeout=30)
   assert r.returncode == 1 and 'no job here' in r.stdout
+
+
+def test_a_device_job_runs_from_its_own_copy_of_the_tree(tmp_path):
+  # The next device call rewrites the tree under a running job: the job must not see it.
+  repo, tree, log = tmp_path / 'repo', tmp_path / 'tree', tmp_path / 'job.log'
+  (repo / '.git').mkdir(parents=True)
+  (repo / 'data.txt').write_text('as launched\n')
+  job = 'sleep 1; pwd; cat data.txt; echo "$PYTHONPATH"; ls -A; touch done'
+  r = subprocess.run(['bash', str(ROOT / 'benchmarks/device_job.sh'), str(log), 'bash', '-c', job],
+                     cwd=repo, env=dict(os.environ, JOB_TREE=str(tree), PYTHONPATH='/site'),
+                     capture_output=True, text=True, timeout=30)
+  assert r.returncode == 0, r.stderr
+  (repo / 'data.txt').write_text('rewritten by the next call\n')
+  end = time.monotonic() + 30
+  while not (tree / 'done').exists() and time.monotonic() < end:
+    time.sleep(0.1)
+  assert log.read_text().splitlines() == [str(tree), 'as launched', f'{tree}:/site', 'data.txt']

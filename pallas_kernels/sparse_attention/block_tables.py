@@ -122,6 +122,10 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
       the compares into the reductions (nothing of size nK^2 stored, 5
       kernels for the tables); XLA:CPU stores them (its tree rewrite of
       reductions over more than 32 entries), so prefer 'top_k' on a CPU.
+      Its nK^2 work tells on a GPU too: benchmarks/attention.py's selection
+      took 0.05-0.07 ms with 'rank' at nK <= 128 on an H200 (faster than
+      'top_k') but 0.59 ms at nK = 256 (16k keys, block_k 64), where 'top_k'
+      took ~0.07 ms on an H100 (docs/results.md).
   Ties go to the lower index and floats are ordered as lax.top_k orders them
   (total order: -0 < +0, NaN past +-inf by sign; a NaN is never kept but, as
   in top_k, may take a place in the budget).

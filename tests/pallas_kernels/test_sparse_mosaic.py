@@ -161,3 +161,17 @@ def test_seam_names_the_gpu_it_needs(name):
   from flashmm_jax.ops import sparse_attention as sparse_ops
   with pytest.raises(NotImplementedError, match='need a Hopper GPU'):
     sparse_ops.get(name)(None, None, None, None, None, None)
+
+
+def test_auto_runs_the_persistent_forward_on_hopper(monkeypatch):
+  """'auto' on a Hopper GPU, where the shapes fit: the Mosaic kernels with the
+  persistent forward (the faster at 65% sparsity, docs/results.md)."""
+  from flashmm_jax.ops import sparse_attention as sparse_ops
+  calls = []
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(sparse_ops, '_is_hopper', lambda: True)
+  monkeypatch.setattr(sparse_ops, '_mosaic', lambda *a, **kw: calls.append(kw))
+  q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+  sparse_ops.get('auto')(q, k, k, None, None, BlockSizes(128, 64))
+  assert calls == [dict(persistent=True)]
