@@ -101,7 +101,7 @@ def with_q_tables(tables: BlockTables, n_k: int) -> BlockTables:
   return tables._replace(q_ids=q_ids, q_count=q_count)
 
 
-SELECT_METHODS = ('top_k', 'rank')
+SELECT_METHODS = ('top_k', 'rank', 'pallas')
 
 
 def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
@@ -113,7 +113,7 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
   first). Returns (ids [..., max_k] ascending and padded as compact_rows
   does, count [...]).
 
-  method (both give identical tables; which is faster depends on the device):
+  method (all give identical tables; which is faster depends on the device):
     'top_k': one lax.top_k of max_k entries, then a sort of max_k entries.
     'rank':  no sort. Each block's rank in its row by pairwise comparison
       ([..., nK, nK] compares that XLA fuses into a reduction), then each
@@ -126,6 +126,9 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
       took 0.05-0.07 ms with 'rank' at nK <= 128 on an H200 (faster than
       'top_k') but 0.59 ms at nK = 256 (16k keys, block_k 64), where 'top_k'
       took ~0.07 ms on an H100 (docs/results.md).
+    'pallas': one Pallas-Triton kernel, one program a row
+      (select_triton.tables_from_scores); on a CPU it runs in the Pallas
+      interpreter, for tests.
   Ties go to the lower index and floats are ordered as lax.top_k orders them
   (total order: -0 < +0, NaN past +-inf by sign; a NaN is never kept but, as
   in top_k, may take a place in the budget).
@@ -135,6 +138,12 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
     raise ValueError(f"{max_k=} must be in [1, {n_k=}]")
   if method == 'rank':
     return _tables_by_rank(scores, budget, max_k)
+  if method == 'pallas':
+    if jax.default_backend() not in ('gpu', 'cpu'):
+      raise ValueError("method='pallas' needs a GPU (or a CPU, interpreted)")
+    from pallas_kernels.sparse_attention import select_triton  # pylint: disable=g-import-not-at-top
+    return select_triton.tables_from_scores(scores, budget, max_k,
+                                            interpret=jax.default_backend() == 'cpu')
   if method != 'top_k':
     raise ValueError(f"{method=} must be one of {SELECT_METHODS}")
   vals, idx = jax.lax.top_k(scores, max_k)
@@ -147,7 +156,7 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
   return ids, count
 
 
-def _order_key(scores: jax.Array) -> jax.Array:
+def total_order_key(scores: jax.Array) -> jax.Array:
   """An integer key ordered as lax.top_k orders `scores` (floats: the IEEE
   total order, -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN)."""
   if not jnp.issubdtype(scores.dtype, jnp.floating):
@@ -174,7 +183,7 @@ def _tables_by_rank(scores, budget, max_k):
   count, and 0 for an empty row: compact_rows' padding without the count.
   """
   n_k = scores.shape[-1]
-  key = _order_key(scores)
+  key = total_order_key(scores)
   idx = jnp.arange(n_k, dtype=jnp.int32)
   ki, kj = key[..., :, None], key[..., None, :]
   beats = (kj > ki) | ((kj == ki) & (idx[None, :] < idx[:, None]))

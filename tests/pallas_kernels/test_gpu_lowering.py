@@ -1,0 +1,111 @@
+"""Every GPU kernel lowers ahead of time for an H100, on this CPU host.
+
+The interpreters run the kernels' logic, not their GPU lowering: the Mosaic
+interpreter swaps the register-A PV wgmma for a plain dot, and the Triton one
+never asks for power-of-two blocks or a lowering rule per op. Lowering for
+an abstract H100 (jax.sharding.AbstractMesh(abstract_device=...)) runs the
+Pallas-to-Mosaic-GPU and Pallas-to-Triton lowerings that a GPU run would,
+so a kernel that no longer lowers fails here, not in the first device call.
+The PTX compile after it still needs a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src import mesh as mesh_lib
+
+from pallas_kernels.sparse_attention import BlockSizes, BlockTables
+from pallas_kernels.sparse_attention import block_tables as bt
+from pallas_kernels.sparse_attention import decode, mosaic_gpu, select_triton, triton
+
+H100 = mesh_lib.AbstractDevice(device_kind='NVIDIA H100', num_cores=132, platform='gpu')
+B, T, HQ, HKV, D = 2, 1024, 8, 2, 128
+BF16, I32 = jnp.bfloat16, jnp.int32
+SIZES = BlockSizes(128, 64)
+N_Q, N_K = T // SIZES.block_q, T // SIZES.block_k
+
+
+def _aval(shape, dtype=BF16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def lower_for_h100(fn, *avals):
+  """The StableHLO text of jit(fn) lowered for CUDA on an abstract H100."""
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=H100)):
+    return jax.jit(fn).trace(*avals).lower(lowering_platforms=('cuda',)).as_text()
+
+
+QKV = (_aval((B, T, HQ, D)), _aval((B, T, HKV, D)), _aval((B, T, HKV, D)))
+TABLES = (_aval((B, HKV, N_Q, N_K), I32), _aval((B, HKV, N_Q), I32))
+LENS = (_aval((B,), I32), _aval((B,), I32))
+CACHE = (_aval((B, 1, HQ, D)), _aval((B, T, HKV, D)), _aval((B, T, HKV, D)))
+DECODE_LENS = (_aval((B,), I32),) * 3
+
+
+def _grad(attend):
+  """d(sum of outputs)/d(q, k, v): the backward kernels behind the custom_vjp."""
+  def loss(q, k, v, *rest):
+    return attend(q, k, v, *rest).astype(jnp.float32).sum()
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def _with_full_tables(attend):
+  """attend(q, k, v, tables, ...) taking the tables' arrays: kv tables plus
+  the transposed ones the dk/dv kernels read, built inside."""
+  def fn(q, k, v, kv_ids, kv_count, *lens):
+    tables = bt.build_block_tables(bt.block_mask_from_tables(kv_ids, kv_count, N_K))
+    return attend(q, k, v, tables, *lens)
+  return fn
+
+
+def _kv_only(attend):
+  def fn(q, k, v, kv_ids, kv_count, *lens):
+    return attend(q, k, v, BlockTables(kv_ids, kv_count, None, None), *lens)
+  return fn
+
+
+_MOSAIC = functools.partial(mosaic_gpu.sparse_attention, block_sizes=SIZES)
+_TRITON = functools.partial(triton.sparse_attention, block_sizes=SIZES)
+CASES = {
+    'mosaic_forward': (_kv_only(lambda *a: mosaic_gpu.sparse_attention_fwd(
+        *a, block_sizes=SIZES)[0]), QKV + TABLES + LENS, 'mosaic'),
+    'mosaic_forward_persistent': (_kv_only(lambda *a: mosaic_gpu.sparse_attention_fwd(
+        *a, block_sizes=SIZES, config=mosaic_gpu.Config(persistent_ctas=5))[0]),
+        QKV + TABLES + LENS, 'mosaic'),
+    'mosaic_backward': (_grad(_with_full_tables(_MOSAIC)), QKV + TABLES + LENS, 'mosaic'),
+    'mosaic_decode': (lambda q, k, v, ids, count, *lens: mosaic_gpu.sparse_decode(
+        q, k, v, ids, count, *lens, block_k=64),
+        CACHE + (_aval((B, HKV, N_K), I32), _aval((B, HKV), I32)) + DECODE_LENS, 'mosaic'),
+    'triton_forward_backward': (_grad(_with_full_tables(_TRITON)), QKV + TABLES + LENS,
+                                'triton'),
+    'triton_decode': (lambda q, k, v, ids, count, *lens: decode.sparse_decode(
+        q, k, v, ids, count, *lens, block_k=64),
+        CACHE + (_aval((B, HKV, N_K), I32), _aval((B, HKV), I32)) + DECODE_LENS, 'triton'),
+    'triton_decode_scored': (lambda q, k, v, scores, cutoff, *lens: decode.sparse_decode_scored(
+        q, k, v, scores, cutoff, *lens, block_k=64, rule='top_k'),
+        CACHE + (_aval((B, HKV, N_K), jnp.float32), _aval((B, HKV), I32)) + DECODE_LENS,
+        'triton'),
+    # A ragged width (33 blocks, 11 kept): the kernel pads both to powers of two.
+    'select_triton': (functools.partial(select_triton.tables_from_scores, max_k=11),
+                      (_aval((2, 3, 33)), _aval((2, 3), I32)), 'triton'),
+}
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_lowers_for_an_h100(name):
+  fn, avals, backend = CASES[name]
+  text = lower_for_h100(fn, *avals)
+  marker = {'mosaic': 'mosaic_gpu', 'triton': '__gpu$xla.gpu.triton'}[backend]
+  assert marker in text
+
+
+def test_a_scalar_budget_broadcasts_over_rows():
+  scores = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 20))
+  got = select_triton.tables_from_scores(scores, 5, 7, interpret=True)
+  want = bt.tables_from_scores(scores, jnp.full((3, 2), 5, jnp.int32), 7)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
