@@ -33,18 +33,21 @@ from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu_backward  # noqa: E402
 from pallas_kernels.sparse_attention import decode  # noqa: E402
 from pallas_kernels.sparse_attention import reference  # noqa: E402
+from pallas_kernels.sparse_attention import select_triton  # noqa: E402
 from pallas_kernels.sparse_attention import triton  # noqa: E402
 
 FLAGS = flags.DEFINE_string('out', '/tmp/attention_bench', 'output folder')
 _SEQS = flags.DEFINE_list('seqs', ['2048', '4096', '8192', '16384', '32768'], 'sequence lengths')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.5', '0.65', '0.8'], 'block sparsities')
 _SELECT_METHODS = flags.DEFINE_list(
-    'select_method', ['top_k', 'rank', 'pallas'], 'forward and decode: how the tables are built from the block '
-    'scores (block_tables.tables_from_scores method). The first is used everywhere under '
-    'the usual keys; at 65% every other one is also timed end-to-end and selection alone: '
-    'keys ours_s65_<method>, ours_s65_select_<method>')
-flags.register_validator('select_method', lambda ms: bool(ms) and set(ms) <= set(bt.SELECT_METHODS),
-                         f'--select_method: a list of {bt.SELECT_METHODS}')
+    'select_method', ['top_k', 'rank', 'pallas', 'fused'], 'forward and decode: how the tables '
+    'are built from the block scores (block_tables.tables_from_scores method), or, forward '
+    'only, `fused`: the whole selection in select_triton\'s two kernels. The first is used '
+    'everywhere under the usual keys; at 65% every other one is also timed end-to-end and '
+    'selection alone: keys ours_s65_<method>, ours_s65_select_<method>')
+flags.register_validator(
+    'select_method', lambda ms: bool(ms) and set(ms) <= {*bt.SELECT_METHODS, 'fused'},
+    f'--select_method: a list of {(*bt.SELECT_METHODS, "fused")}')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'batch x seq')
 _HEADS = flags.DEFINE_integer('heads', 16, 'query heads')
 _KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'key/value heads')
@@ -122,6 +125,21 @@ def select_blocks(q, k, keep, visible, block_k, method='top_k'):
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
+  n_q, n_k = visible.shape
+  # Every key block overlapping the tile's own rows: each query sees itself.
+  k_first = np.arange(n_k)[None] * block_k
+  q_first = np.arange(n_q)[:, None] * BQ
+  forced = ((k_first >= q_first) & (k_first < q_first + BQ)) | (k_first == 0)
+  budget = np.maximum(np.ceil(keep * visible.sum(-1)), forced.sum(-1)).astype(np.int32)
+  if method == 'fused':   # the whole stage in two kernels: pooling, then scores and tables
+    interpret = jax.default_backend() == 'cpu'
+    qp, kp = select_triton.pool_blocks(q, k, block_q=BQ, block_k=block_k, interpret=interpret)
+    rule = np.where(forced, select_triton.FORCED,
+                    np.where(visible, select_triton.CANDIDATE, select_triton.HIDDEN))
+    kv_ids, kv_count = select_triton.score_tables(
+        qp, kp, jnp.asarray(rule, jnp.int8), jnp.asarray(budget), int(budget.max()),
+        interpret=interpret)
+    return bt.BlockTables(kv_ids, kv_count, None, None)
   # q is the one big read here (64 MB at 16k tokens): one reduction over each
   # tile's rows, bf16 in and an f32 accumulator (the convert fuses into it; no
   # f32 copy of q), then a [B, nQ, Hq, D] sum over each group's heads. Written
@@ -132,13 +150,7 @@ def select_blocks(q, k, keep, visible, block_k, method='top_k'):
   qp = qp.astype(q.dtype)
   kp = k.reshape(b, -1, block_k, hkv, d).max(axis=2)
   scores = jnp.einsum('bqhd,bkhd->bhqk', qp, kp, preferred_element_type=jnp.float32)
-  n_q, n_k = visible.shape
-  # Every key block overlapping the tile's own rows: each query sees itself.
-  k_first = np.arange(n_k)[None] * block_k
-  q_first = np.arange(n_q)[:, None] * BQ
-  forced = ((k_first >= q_first) & (k_first < q_first + BQ)) | (k_first == 0)
   scores = jnp.where(forced, jnp.inf, jnp.where(visible, scores, -jnp.inf))
-  budget = np.maximum(np.ceil(keep * visible.sum(-1)), forced.sum(-1)).astype(np.int32)
   kv_ids, kv_count = bt.tables_from_scores(
       scores, jnp.broadcast_to(budget, scores.shape[:-1]), int(budget.max()), method=method)
   return bt.BlockTables(kv_ids, kv_count, None, None)
@@ -508,15 +520,17 @@ def bench_decode(batch, cache, block_k=64, new=1):
       q, k, v, implementation='xla')), q, kc, vc)
 
   pooled = jax.jit(pool_keys, static_argnums=1)(kc, block_k)
+  # A decode step scores its blocks itself: the tables_from_scores methods only.
+  methods = [m for m in _SELECT_METHODS.value if m in bt.SELECT_METHODS] or ['top_k']
 
-  def select(budget, method=_SELECT_METHODS.value[0]):
+  def select(budget, method=methods[0]):
     return jax.jit(functools.partial(decode_tables, budget=budget, method=method))
 
   def table_kernel(**config):
     return jax.jit(lambda q, k, v, ids, count, *lens: decode.sparse_decode(
         q, k, v, ids, count, *lens, block_k=block_k, **config))
 
-  def sparse(budget, method=_SELECT_METHODS.value[0], **config):
+  def sparse(budget, method=methods[0], **config):
     tables, kernel = select(budget, method), table_kernel(**config)
     return jax.jit(lambda q, k, v, kp, *lens: kernel(q, k, v, *tables(q, kp), *lens))
 
@@ -543,7 +557,7 @@ def bench_decode(batch, cache, block_k=64, new=1):
       res.setdefault('errors', {})[key] = f'{type(e).__name__}: {str(e)[-300:]}'
       print(f'{key} failed at {batch}x{cache}: {res["errors"][key]}')
 
-  for method in _SELECT_METHODS.value[1:]:   # the same tables, another way to build them
+  for method in methods[1:]:   # the same tables, another way to build them
     timed(f'ours_s65_{method}', sparse(budget(0.65), method), *step_args)
   # The kernels alone at 65%, then each requested config, step and kernel alone.
   tables = select(budget(0.65))(q, pooled)

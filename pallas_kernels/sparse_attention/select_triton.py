@@ -1,4 +1,5 @@
-"""Block tables from block scores in one Pallas-Triton kernel.
+"""Block selection in Pallas-Triton kernels: kv tables from block scores in one
+kernel, and the pooling and scoring before them in two.
 
 block_tables.tables_from_scores' XLA methods build the kv tables in several
 kernels (a top_k and a sort, or three compare-and-reduce passes, plus the
@@ -12,6 +13,15 @@ order, then the kept ids go to their slots by a cumsum and a scatter.
 The tables are tables_from_scores' exactly (tested against its other methods,
 NaN and -0.0 included): the keys are block_tables.total_order_key, every real
 entry competes for the budget, and -inf (and NaN) entries are never kept.
+
+benchmarks/attention.py's `fused` selection runs its whole stage in two more
+(the model's gate, with its learned projections, does not use them):
+`pool_blocks` pools every query tile (mean over its rows and its GQA group's
+heads) and key block (max over its rows) in one launch, and `score_tables`
+scores one row of blocks (a pooled query against the pooled keys), applies the
+row's hidden/candidate/forced rule and writes its tables, one program a row.
+Against the XLA path they sum in another order, so near-tied blocks may be
+picked differently; on integer-valued inputs (exact sums) the tables agree.
 """
 
 import functools
@@ -29,10 +39,15 @@ from pallas_kernels.sparse_attention import block_tables as bt
 def _row_tables_kernel(scores_ref, budget_ref, ids_ref, count_ref, *, n_k):
   """One row: scores [W] (W >= n_k, a power of two; entries past n_k are
   padding), its budget, ids [max_k padded to a power of two] and count."""
-  scores = scores_ref[...]
+  _write_row_tables(scores_ref[...], budget_ref[...], ids_ref, count_ref, n_k=n_k)
+
+
+def _write_row_tables(scores, budget, ids_ref, count_ref, *, n_k):
+  """The row's top-`budget` blocks of scores [W] (entries past n_k ignored) as
+  ascending ids padded with the last one, and their count."""
   idx = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
   keys = bt.total_order_key(scores)
-  key, last = block_cutoff.top_k_cutoff(keys, idx < n_k, budget_ref[...])
+  key, last = block_cutoff.top_k_cutoff(keys, idx < n_k, budget)
   chosen = (keys > key) | ((keys == key) & (idx <= last))
   keep = chosen & (idx < n_k) & (scores > -jnp.inf)
   kept = keep.astype(jnp.int32)
@@ -78,3 +93,110 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int, *,
       interpret=interpret,
   )(flat, cap.reshape(rows))
   return ids[:, :max_k].reshape(*lead, max_k), count.reshape(lead)
+
+
+def _pool_kernel(q_ref, k_ref, qp_ref, kp_ref, *, block_q, block_k, group, rows_per_load):
+  """Program (b, h, j): query tile j of kv head h's group if j < nQ, else key
+  block j - nQ. Refs are whole arrays; each program loads its own rows."""
+  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  n_q = qp_ref.shape[1]
+
+  @pl.when(j < n_q)
+  def _():
+    heads = pl.ds(h * group, group)
+    def add_rows(i, acc):
+      rows = q_ref[b, pl.ds(j * block_q + i * rows_per_load, rows_per_load), heads, :]
+      return acc + jnp.sum(rows.astype(jnp.float32), axis=0)
+    acc = jax.lax.fori_loop(0, block_q // rows_per_load, add_rows,
+                            jnp.zeros((group, q_ref.shape[-1]), jnp.float32))
+    qp_ref[b, j, h, :] = (jnp.sum(acc, axis=0) / (block_q * group)).astype(qp_ref.dtype)
+
+  @pl.when(j >= n_q)
+  def _():
+    rows = k_ref[b, pl.ds((j - n_q) * block_k, block_k), h, :]
+    kp_ref[b, j - n_q, h, :] = jnp.max(rows, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=('block_q', 'block_k', 'interpret', 'num_warps'))
+def pool_blocks(q: jax.Array, k: jax.Array, *, block_q: int, block_k: int,
+                interpret: bool = False, num_warps: int = 4):
+  """(qp [B, T / block_q, Hkv, D] in q.dtype: each query tile's mean over its
+  rows and its GQA group's query heads, f32-accumulated; kp [B, S / block_k,
+  Hkv, D]: each key block's max over its rows), in one launch.
+
+  q [B, T, Hq, D], k [B, S, Hkv, D]; T, S whole blocks; Hq / Hkv, D, block_k
+  powers of two (Triton blocks), block_q a multiple of 16.
+  """
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  if t % block_q or s % block_k or block_q % 16 or hq % hkv:
+    raise ValueError(f'pool_blocks: {q.shape=} / {k.shape=} must hold whole blocks '
+                     f'({block_q=}, a multiple of 16; {block_k=}) and GQA groups')
+  for name, n in (('group', group), ('head_dim', d), ('block_k', block_k)):
+    if n & (n - 1):
+      raise ValueError(f'pool_blocks: {name}={n} must be a power of two')
+  n_q, n_k = t // block_q, s // block_k
+  return pl.pallas_call(
+      functools.partial(_pool_kernel, block_q=block_q, block_k=block_k, group=group,
+                        rows_per_load=16),
+      grid=(b, hkv, n_q + n_k),
+      out_shape=[jax.ShapeDtypeStruct((b, n_q, hkv, d), q.dtype),
+                 jax.ShapeDtypeStruct((b, n_k, hkv, d), k.dtype)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=3),
+      interpret=interpret,
+  )(q, k)
+
+
+HIDDEN, CANDIDATE, FORCED = 0, 1, 2
+
+
+def _score_kernel(qp_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n_k):
+  """Program (b, h, i): query tile i's pooled query [D] against head h's
+  pooled keys [W, D], masked by its rule row [W], then its tables."""
+  query = qp_ref[...].astype(jnp.float32)
+  scores = jnp.sum(kp_ref[...].astype(jnp.float32) * query[None, :], axis=1)
+  rule = rule_ref[...]
+  scores = jnp.where(rule == FORCED, jnp.inf, jnp.where(rule == CANDIDATE, scores, -jnp.inf))
+  _write_row_tables(scores, budget_ref[...], ids_ref, count_ref, n_k=n_k)
+
+
+@functools.partial(jax.jit, static_argnames=('max_k', 'interpret', 'num_warps'))
+def score_tables(qp: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array,
+                 max_k: int, *, interpret: bool = False, num_warps: int = 4):
+  """kv tables (ids [B, Hkv, nQ, max_k], count [B, Hkv, nQ]) of the blocks a
+  pooled query keeps, one program a (batch, kv head, query tile).
+
+  qp [B, nQ, Hkv, D] and kp [B, nK, Hkv, D] (pool_blocks); rule int8 [nQ, nK]:
+  HIDDEN (never kept), CANDIDATE (ranked by qp . kp, in f32), FORCED (kept
+  first); budget int [nQ]: a row keeps its `budget` best (forced first, then by
+  score; ties to the lower block), at most max_k. The same tables as
+  block_tables.tables_from_scores of those masked scores.
+  """
+  b, n_q, hkv, d = qp.shape
+  n_k = kp.shape[1]
+  if rule.shape != (n_q, n_k) or kp.shape != (b, n_k, hkv, d) or budget.shape != (n_q,):
+    raise ValueError(f'score_tables: {qp.shape=}, {kp.shape=}, {rule.shape=}, '
+                     f'{budget.shape=} disagree (rule [nQ, nK], budget [nQ])')
+  if not 1 <= max_k <= n_k:
+    raise ValueError(f"{max_k=} must be in [1, {n_k=}]")
+  width, out_width = pl.next_power_of_2(n_k), pl.next_power_of_2(max_k)
+  # Triton blocks have power-of-two sizes: padding blocks are HIDDEN.
+  rule = jnp.pad(rule.astype(jnp.int8), ((0, 0), (0, width - n_k)))
+  if width != n_k:
+    kp = jnp.pad(kp, ((0, 0), (0, width - n_k), (0, 0), (0, 0)))
+  ids, count = pl.pallas_call(
+      functools.partial(_score_kernel, n_k=n_k),
+      grid=(b, hkv, n_q),
+      in_specs=[pl.BlockSpec((None, None, None, d), lambda bi, h, i: (bi, i, h, 0)),
+                pl.BlockSpec((None, width, None, d), lambda bi, h, i: (bi, 0, h, 0)),
+                pl.BlockSpec((None, width), lambda bi, h, i: (i, 0)),
+                pl.BlockSpec((None,), lambda bi, h, i: (i,))],
+      out_specs=[pl.BlockSpec((None, None, None, out_width), lambda bi, h, i: (bi, h, i, 0)),
+                 pl.BlockSpec((None, None, None), lambda bi, h, i: (bi, h, i))],
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, n_q, out_width), jnp.int32),
+                 jax.ShapeDtypeStruct((b, hkv, n_q), jnp.int32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+  )(qp, kp, rule, jnp.minimum(budget.astype(jnp.int32), max_k))
+  return ids[..., :max_k], count

@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax._src import mesh as mesh_lib
 
@@ -90,8 +89,13 @@ CASES = {
         CACHE + (_aval((B, HKV, N_K), jnp.float32), _aval((B, HKV), I32)) + DECODE_LENS,
         'triton'),
     # A ragged width (33 blocks, 11 kept): the kernel pads both to powers of two.
-    'select_triton': (functools.partial(select_triton.tables_from_scores, max_k=11),
+    'select_tables': (functools.partial(select_triton.tables_from_scores, max_k=11),
                       (_aval((2, 3, 33)), _aval((2, 3), I32)), 'triton'),
+    'select_pool': (functools.partial(select_triton.pool_blocks, block_q=128, block_k=64),
+                    QKV[:2], 'triton'),
+    'select_score_tables': (functools.partial(select_triton.score_tables, max_k=7),
+                            (_aval((B, N_Q, HKV, D)), _aval((B, 12, HKV, D)),
+                             _aval((N_Q, 12), jnp.int8), _aval((N_Q,), I32)), 'triton'),
 }
 
 
@@ -101,11 +105,3 @@ def test_lowers_for_an_h100(name):
   text = lower_for_h100(fn, *avals)
   marker = {'mosaic': 'mosaic_gpu', 'triton': '__gpu$xla.gpu.triton'}[backend]
   assert marker in text
-
-
-def test_a_scalar_budget_broadcasts_over_rows():
-  scores = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 20))
-  got = select_triton.tables_from_scores(scores, 5, 7, interpret=True)
-  want = bt.tables_from_scores(scores, jnp.full((3, 2), 5, jnp.int32), 7)
-  for g, w in zip(got, want):
-    np.testing.assert_array_equal(g, w)
