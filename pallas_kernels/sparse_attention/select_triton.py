@@ -163,7 +163,7 @@ def _score_kernel(qp_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n
 
 @functools.partial(jax.jit, static_argnames=('max_k', 'interpret', 'num_warps'))
 def score_tables(qp: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array,
-                 max_k: int, *, interpret: bool = False, num_warps: int = 4):
+                 max_k: int, *, interpret: bool = False, num_warps: int | None = None):
   """kv tables (ids [B, Hkv, nQ, max_k], count [B, Hkv, nQ]) of the blocks a
   pooled query keeps, one program a (batch, kv head, query tile).
 
@@ -171,7 +171,9 @@ def score_tables(qp: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Arra
   HIDDEN (never kept), CANDIDATE (ranked by qp . kp, in f32), FORCED (kept
   first); budget int [nQ]: a row keeps its `budget` best (forced first, then by
   score; ties to the lower block), at most max_k. The same tables as
-  block_tables.tables_from_scores of those masked scores.
+  block_tables.tables_from_scores of those masked scores. num_warps: by
+  default 8 where a program's keys exceed 8192 elements (256 blocks of 128
+  dims would be 256 registers a thread at 4 warps), else 4.
   """
   b, n_q, hkv, d = qp.shape
   n_k = kp.shape[1]
@@ -181,6 +183,8 @@ def score_tables(qp: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Arra
   if not 1 <= max_k <= n_k:
     raise ValueError(f"{max_k=} must be in [1, {n_k=}]")
   width, out_width = pl.next_power_of_2(n_k), pl.next_power_of_2(max_k)
+  if num_warps is None:
+    num_warps = 8 if width * d > 8192 else 4
   # Triton blocks have power-of-two sizes: padding blocks are HIDDEN.
   rule = jnp.pad(rule.astype(jnp.int8), ((0, 0), (0, width - n_k)))
   if width != n_k:
