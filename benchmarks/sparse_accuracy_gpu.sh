@@ -51,8 +51,18 @@ gate_steps=${GATE_STEPS:-500} joint_steps=${JOINT_STEPS:-600}   # the joint conf
 read -r -a joint_flags <<< "${JOINT_FLAGS:-}"
 read -r -a ablate_flags <<< "${ABLATE_FLAGS:-}"
 mkdir -p "$out"
+# A run that died can leave its dense side (FT_GPU) training on; a second run into
+# the same OUT would train beside it on the same GPU (the eighth accuracy run's rerun
+# ran out of memory so, docs/results.md). Its DONE and markers are left alone.
+for f in "$out/recipe.pid" "$out/side.pid"; do
+  if [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then
+    echo "an earlier run into $out is still running ($(basename "$f") $(cat "$f")): wait for it or kill it"
+    exit 1
+  fi
+done
+echo $$ > "$out/recipe.pid"
 rm -f "$out/DONE" "$out"/*.done   # a results archive unpacked here holds the last run's
-trap 'touch "$out/DONE"' EXIT
+trap 'rm -f "$out/recipe.pid"; touch "$out/DONE"' EXIT
 
 phase() { echo "== $1 $(date +%T)"; }
 train() {  # DIR CONFIG [flags]: trains, keeps the log beside DIR, prints its last lines
@@ -114,6 +124,7 @@ dense_side() {  # [flags]: the dense model's eval, dense_ft, then (ABLATE) joint
     touch "$out/joint_ablated.done"
     phase "joint_ablated done"
   fi
+  rm -f "$out/side.pid"
 }
 
 [ "${GATE_EVAL:-1}" != 0 ] || [ -n "${JOINT_RULE:-}" ] || ! want joint \
@@ -143,6 +154,7 @@ side=
 if [ -n "${FT_GPU:-}" ]; then   # two GPUs: the dense side beside the gate and joint stages
   CUDA_VISIBLE_DEVICES=$FT_GPU dense_side "$@" &
   side=$!
+  echo "$side" > "$out/side.pid"
   export CUDA_VISIBLE_DEVICES=${MAIN_GPU:-0}
 else
   dense_side "$@"

@@ -53,6 +53,7 @@ def test_recipe_with_a_fixed_rule_no_gate_sweep_and_an_ablated_joint_run(tmp_pat
   ablated = json.loads((tmp_path / 'sparse_accuracy_ablated.json').read_text())
   assert ablated['summary']['sparsity']['sparsity/overall'] == sparsity['joint_ablated', 0.5]
   assert not list(tmp_path.glob('*/checkpoints'))             # removed at the end
+  assert not list(tmp_path.glob('*.pid'))                     # nothing left running
   assert (tmp_path / 'DONE').exists()
 
 
@@ -63,7 +64,14 @@ def test_recipe_refuses_what_it_cannot_run_before_training(tmp_path):
   assert r.returncode != 0 and 'set FT_GPU and JOINT_RULE' in r.stdout
   r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6', SERVE_RULE='threshold=0.3')
   assert r.returncode != 0 and 'SERVE_RULE=threshold=0.3 is not one of RULES' in r.stdout
+  # The dense side of a run that died, still training into the same OUT (a live pid):
+  # a second run would train beside it on its GPU.
+  (tmp_path / 'side.pid').write_text(f'{os.getpid()}\n')
+  (tmp_path / 'DONE').unlink()               # the refusals above ended runs of their own
+  r = recipe(tmp_path, JOINT_RULE='threshold=0,coverage=0.6')
+  assert r.returncode != 0 and 'still running (side.pid' in r.stdout
   assert not (tmp_path / 'dense').exists()   # refused before training anything
+  assert not (tmp_path / 'DONE').exists()    # the earlier run's to write
 
 
 def test_poll_on_a_machine_without_the_job_says_so_at_once(tmp_path):
