@@ -3,7 +3,7 @@ scored tables against the XLA path they replace (benchmarks/attention.py's
 selection stage). Inputs are small integers, so every sum is exact and the
 tables must agree exactly, not just up to near-ties. The table builder alone
 is checked with the other tables_from_scores methods (test_sparse_attention.py)
-and every kernel's GPU lowering in test_gpu_lowering.py."""
+and every kernel's GPU lowering in test_lowering.py."""
 
 import jax
 import jax.numpy as jnp
