@@ -18,7 +18,7 @@ def plot(data, path):
   for block_k in sorted({r['block_k'] for r in rows}):
     sel = sorted((r for r in rows if r['block_k'] == block_k), key=lambda r: r['seq'])
     for name, style in (('ours_dense', 'o-'), ('ours_s50', 's--'), ('ours_s65', '^-'),
-                        ('ours_s80', 'v--')):
+                        ('ours_s65_persistent', 'D-'), ('ours_s80', 'v--')):
       pts = [(r['seq'], r['ms'][name] / r['best_dense_ms']) for r in sel if name in r['ms']]
       if pts:
         ax.plot(*zip(*pts), style, label=f'{name} (block_k {block_k})',
