@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import budgets  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
@@ -40,11 +41,12 @@ FLAGS = flags.DEFINE_string('out', '/tmp/attention_bench', 'output folder')
 _SEQS = flags.DEFINE_list('seqs', ['2048', '4096', '8192', '16384', '32768'], 'sequence lengths')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.5', '0.65', '0.8'], 'block sparsities')
 _SELECT_METHODS = flags.DEFINE_list(
-    'select_method', ['top_k', 'rank', 'pallas', 'fused'], 'forward and decode: how the tables '
-    'are built from the block scores (block_tables.tables_from_scores method), or, forward '
-    'only, `fused`: the whole selection in select_triton\'s two kernels. The first is used '
-    'everywhere under the usual keys; at 65% every other one is also timed end-to-end and '
-    'selection alone: keys ours_s65_<method>, ours_s65_select_<method>')
+    'select_method', ['fused', 'top_k', 'rank', 'pallas'], 'forward: how the tables are built: '
+    '`fused`, the whole selection in select_triton\'s two kernels (the fastest end to end on '
+    'the H200, docs/results.md), or from XLA\'s block scores by a block_tables.'
+    'tables_from_scores method; decode uses the first of those. The first is used everywhere '
+    'under the usual keys; at 65% every other one is also timed end-to-end and selection '
+    'alone: keys ours_s65_<method>, ours_s65_select_<method>')
 flags.register_validator(
     'select_method', lambda ms: bool(ms) and set(ms) <= {*bt.SELECT_METHODS, 'fused'},
     f'--select_method: a list of {(*bt.SELECT_METHODS, "fused")}')
@@ -108,13 +110,6 @@ def time_ms(fn, *args):
   return timing.time_ms(fn, *args, iters=_ITERS.value, repeats=_REPEATS.value)
 
 
-def visible_tiles(seq, block_k, prefix):
-  """bool [nQ, nK]: tiles holding at least one visible (causal/prefix) key."""
-  q_last = (np.arange(seq // BQ) + 1) * BQ - 1
-  k_first = np.arange(seq // block_k) * block_k
-  return (k_first[None, :] <= q_last[:, None]) | (k_first[None, :] < prefix)
-
-
 def select_blocks(q, k, keep, visible, block_k, method='top_k'):
   """The timed selection stage: pooled block scores, a per-row budget, tables.
 
@@ -125,20 +120,16 @@ def select_blocks(q, k, keep, visible, block_k, method='top_k'):
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  n_q, n_k = visible.shape
-  # Every key block overlapping the tile's own rows: each query sees itself.
-  k_first = np.arange(n_k)[None] * block_k
-  q_first = np.arange(n_q)[:, None] * BQ
-  forced = ((k_first >= q_first) & (k_first < q_first + BQ)) | (k_first == 0)
-  budget = np.maximum(np.ceil(keep * visible.sum(-1)), forced.sum(-1)).astype(np.int32)
-  if method == 'fused':   # the whole stage in two kernels: pooling, then scores and tables
+  forced = budgets.forced_tiles(t, BQ, block_k)
+  budget = budgets.row_budgets(keep, visible, forced)
+  if method == 'fused':   # the whole stage in two kernels: key pooling, then the rest
     interpret = jax.default_backend() == 'cpu'
-    qp, kp = select_triton.pool_blocks(q, k, block_q=BQ, block_k=block_k, interpret=interpret)
+    kp = select_triton.pool_keys(k, block_k=block_k, interpret=interpret)
     rule = np.where(forced, select_triton.FORCED,
                     np.where(visible, select_triton.CANDIDATE, select_triton.HIDDEN))
     kv_ids, kv_count = select_triton.score_tables(
-        qp, kp, jnp.asarray(rule, jnp.int8), jnp.asarray(budget), int(budget.max()),
-        interpret=interpret)
+        q, kp, jnp.asarray(rule, jnp.int8), jnp.asarray(budget), int(budget.max()),
+        block_q=BQ, interpret=interpret)
     return bt.BlockTables(kv_ids, kv_count, None, None)
   # q is the one big read here (64 MB at 16k tokens): one reduction over each
   # tile's rows, bf16 in and an f32 accumulator (the convert fuses into it; no
@@ -186,7 +177,7 @@ def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
   """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts.
   method: the tables' (default: the first of --select_method); backward: the
   Mosaic backward's Config (impl 'mosaic_vjp'); persistent_ctas: the forward's."""
-  visible = visible_tiles(seq, block_k, prefix)
+  visible = budgets.visible_tiles(seq, BQ, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
   config = mosaic_gpu.Config(stages, backward, persistent_ctas)
   method = method or _SELECT_METHODS.value[0]
@@ -199,6 +190,9 @@ def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
     prefix_len = jnp.full((b,), prefix, jnp.int32)
     if impl == 'triton':
       return triton.sparse_attention(q, k, v, tables, kv_len, prefix_len, block_sizes=sizes)
+    # Unpadded: the Mosaic kernels take the lengths as static (None), as a model's
+    # unpadded batch does; a constant array would cost a broadcast kernel a call.
+    kv_len, prefix_len = None, (None if prefix == 0 else prefix_len)
     if impl == 'mosaic_vjp':   # differentiable: the Mosaic forward and backward
       return mosaic_gpu.sparse_attention(q, k, v, tables, kv_len, prefix_len,
                                          block_sizes=sizes, config=config)
@@ -305,7 +299,7 @@ def bench_seq(seq, prefix, variant, baselines):
   q, k, v = make_inputs(seq)
   b = q.shape[0]
   res = dict(seq=seq, batch=b, prefix=prefix, block_k=block_k, stages=stages, ms={}, tflops={},
-             select_method=_SELECT_METHODS.value[0], select_agree={})
+             sparsity={}, select_method=_SELECT_METHODS.value[0], select_agree={})
   if prefix == 0:
     for name, fn in baselines.items():
       try:
@@ -316,7 +310,9 @@ def bench_seq(seq, prefix, variant, baselines):
     name = 'ours_dense' if sparsity == 0 else f'ours_s{round(100 * sparsity)}'
     run, select, kernel = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages)
     res['ms'][name] = time_ms(run, q, k, v)
-    computed = int(jax.device_get(run(q, k, v)[1]).sum()) * (_HEADS.value // _KV_HEADS.value)
+    counts = jax.device_get(run(q, k, v)[1])
+    computed = int(counts.sum()) * (_HEADS.value // _KV_HEADS.value)
+    res['sparsity'][name] = budgets.sparsity(counts, budgets.visible_tiles(seq, BQ, block_k, prefix))
     res['tflops'][name] = 4 * BQ * block_k * _HEAD_DIM.value * computed / res['ms'][name] / 1e9
     if sparsity in (0.0, 0.65):   # where the time goes: kernel alone, selection alone
       tables = select(q, k)
@@ -692,9 +688,10 @@ def forward_markdown(results):
            'ms (median), and the ratio to the fastest dense kernel of the run (causal rows: '
            'cuDNN / tokamax; prefix rows: our own dense mode). `_kernel` = tables built '
            'outside the timing, `_select` = selection and tables alone. Tables by '
-           f'`{_SELECT_METHODS.value[0]}` '
-           '(tables_from_scores method) unless a key ends in another method '
-           '(`ours_s65_rank`, `ours_s65_select_rank`: the same tables, built without a sort).'
+           f'`{_SELECT_METHODS.value[0]}` (--select_method) unless a key ends in another '
+           'method (`ours_s65_rank`, `ours_s65_select_rank`: the same tables, built without '
+           'a sort). Budgets: benchmarks/budgets.py, the named sparsity exactly (`sparsity` in '
+           'the JSON).'
            + ''.join(f" Tables DIFFER for {m} at seq {r['seq']}, prefix {r['prefix']}."
                      for r in results for m, ok in r.get('select_agree', {}).items()
                      if not ok), '',

@@ -17,7 +17,9 @@ the profiled range), the same step benchmarks/attention.py times:
   python benchmarks/ncu_summary.py $OUT/fwdbwd_profile cudnn=$OUT/cudnn.csv s65=$OUT/s65.csv
 
 --fwdbwd_paths: cudnn (dense, causal), dense (ours with every tile listed), s65 (ours
-at 65% block sparsity, selection inside); --fwdbwd_bwd: our backward's Config.
+at 65% block sparsity, selection inside); --fwdbwd_bwd: our backward's Config;
+--forward_only: the forward alone (e.g. with attention.py's --select_method fused,
+to see the selection's kernels beside the attention kernel).
 """
 
 import os
@@ -36,16 +38,21 @@ PATHS = ('cudnn', 'dense', 's65')
 _PATHS_FB = flags.DEFINE_multi_enum('fwdbwd_paths', list(PATHS), PATHS, 'the paths to profile')
 _BWD = flags.DEFINE_string('fwdbwd_bwd', '2x2', 'our backward\'s config, a --bwd_configs spec '
                            '(attention.bwd_config, e.g. 2x2xsink_first)')
+_FWD_ONLY = flags.DEFINE_bool('forward_only', False, 'profile the forward alone (selection '
+                              'inside, by attention.py\'s first --select_method)')
+_CTAS = flags.DEFINE_integer('persistent_ctas', 0, 'our forward\'s persistent CTAs (0: one a tile)')
 
 
 def main(_):
   seq, bk = _SEQ.value, _BLOCK_K_FB.value
   q, k, v = attention.make_inputs(seq)
   ours = lambda keep: attention.sparse_fn(keep, seq, 0, bk, 2, impl='mosaic_vjp',
-                                         backward=attention.bwd_config(_BWD.value))[0]
+                                         backward=attention.bwd_config(_BWD.value),
+                                         persistent_ctas=_CTAS.value)[0]
   fns = {'cudnn': lambda: attention.dense_baselines()['cudnn'],
          'dense': lambda: ours(1.0), 's65': lambda: ours(0.35)}
-  profile_decode.run_profiled({name: (attention.grad_fn(fns[name]()), (q, k, v))
+  step = (lambda fn: fn) if _FWD_ONLY.value else attention.grad_fn
+  profile_decode.run_profiled({name: (step(fns[name]()), (q, k, v))
                                for name in _PATHS_FB.value})
 
 

@@ -229,7 +229,7 @@ def _store_rows(acc, m_i, l_i, qo_smem, lse_smem, out_rows, lse_rows, dtype):
 
 def _compute_wg(refs, scratch, st: _Static):
   """One compute warpgroup: 64 query rows of each of this CTA's tiles."""
-  out_ref, lse_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref = refs
+  out_ref, lse_ref, ids_ref, counts_ref, lens_of = refs
   q_smem, lse_smem2, ring, (q_bar, q_free) = scratch
   wg, cta = lax.axis_index("wg"), lax.axis_index("ctas")
   plgpu.set_max_registers(232, action="increase")
@@ -241,7 +241,7 @@ def _compute_wg(refs, scratch, st: _Static):
     qo_smem, q_base = q_smem.at[buf, wg], qt * TILE_Q + wg * WG_ROWS
     plgpu.barrier_wait(q_bar.at[buf * COMPUTE_WGS + wg])
     acc, m_i, l_i = _attend(qo_smem, ring, ids_ref, q_base=q_base, n=n, n_full=n_full,
-                            row=t * st.width, pos=pos, lens=(kv_len_ref[b], prefix_ref[b]),
+                            row=t * st.width, pos=pos, lens=lens_of(b),
                             st=st)
     _store_rows(acc, m_i, l_i, qo_smem, lse_smem2.at[wg],
                 out_ref.at[b, pl.ds(q_base, WG_ROWS), h],
@@ -349,7 +349,8 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
   """q [B, T, Hq, D], k/v [B, S, Hkv, D] -> (out [B, T, Hq, D], lse [B, Hq, T] f32).
 
   Semantics of reference.py; lse is the natural-log row logsumexp of the
-  scaled logits over visible keys (-inf for rows with none).
+  scaled logits over visible keys (-inf for rows with none). kv_len None:
+  every key is valid; prefix_len None: no bidirectional prefix (causal).
   """
   _check(q, k, v, tables, block_sizes)
   b, t, hq, d = q.shape
@@ -361,18 +362,28 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
                scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, dtype=dtype,
                interpreted=interpret is not None, batch=b, hq=hq, group=hq // k.shape[2],
                n_q=n_q, width=tables.kv_ids.shape[-1], ctas=ctas)
-  kv_len = jnp.asarray(kv_len, jnp.int32)
-  prefix_len = jnp.asarray(prefix_len, jnp.int32)
-  n_full = full_counts(tables.kv_ids, tables.kv_count, kv_len, prefix_len, bk)
+  # A length left out is static (every key valid; no prefix): the kernel takes
+  # only the given ones, since a constant array passed to it would cost a
+  # broadcast kernel a call.
+  static = (k.shape[1] if kv_len is None else None, 0 if prefix_len is None else None)
+  lens = [jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len) if x is not None]
+  n_full = full_counts(tables.kv_ids, tables.kv_count, *(
+      jnp.full((b,), c, jnp.int32) if c is not None else x
+      for c, x in zip(static, (kv_len, prefix_len))), bk)
   # Flat tables: one scalar load per lookup, no multi-dim index arithmetic.
   ids = tables.kv_ids.astype(jnp.int32).reshape(-1)
   counts = jnp.stack([tables.kv_count.astype(jnp.int32), n_full], -1).reshape(-1)
 
-  def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref,
-           out_ref, lse_ref, *scratch):
+  def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
+    given = iter(refs[:len(lens)])
+    out_ref, lse_ref = refs[len(lens):len(lens) + 2]
+    scratch = refs[len(lens) + 2:]
+    len_refs = [c if c is not None else next(given) for c in static]
+    lens_of = lambda bi: tuple(x if isinstance(x, int) else x[bi] for x in len_refs)
+
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
-      _compute_wg((out_ref, lse_ref, ids_ref, counts_ref, kv_len_ref, prefix_ref), scratch, st)
+      _compute_wg((out_ref, lse_ref, ids_ref, counts_ref, lens_of), scratch, st)
 
     @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
     def _():
@@ -402,7 +413,7 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(q, k, v, ids, counts, kv_len, prefix_len)
+  )(q, k, v, ids, counts, *lens)
   return out, lse
 
 
@@ -486,6 +497,9 @@ def _attention_fwd(q, k, v, tables, kv_len, prefix_len, *static):
 def _attention_bwd(block_sizes, sm_scale, config, interpret, residuals, d_out):
   """The Mosaic dq and dk/dv kernels (mosaic_gpu_backward.py), from the lse."""
   q, k, v, tables, kv_len, prefix_len, out, lse = residuals
+  b, s = k.shape[:2]
+  kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len
+  prefix_len = jnp.zeros((b,), jnp.int32) if prefix_len is None else prefix_len
   dq, dk, dv = mosaic_gpu_backward.backward(
       q, k, v, tables, kv_len, prefix_len, out, lse, d_out, block_sizes=block_sizes,
       sm_scale=sm_scale, config=config.backward, interpret=interpret)

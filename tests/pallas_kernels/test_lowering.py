@@ -96,10 +96,10 @@ CASES = {
     # A ragged width (33 blocks, 11 kept): the kernel pads both to powers of two.
     'select_tables': (functools.partial(select_triton.tables_from_scores, max_k=11),
                       (_aval((2, 3, 33)), _aval((2, 3), I32)), 'triton'),
-    'select_pool': (functools.partial(select_triton.pool_blocks, block_q=128, block_k=64),
-                    QKV[:2], 'triton'),
-    'select_score_tables': (functools.partial(select_triton.score_tables, max_k=7),
-                            (_aval((B, N_Q, HKV, D)), _aval((B, 12, HKV, D)),
+    'select_pool_keys': (functools.partial(select_triton.pool_keys, block_k=64), QKV[1:2],
+                         'triton'),
+    'select_score_tables': (functools.partial(select_triton.score_tables, max_k=7, block_q=128),
+                            (QKV[0], _aval((B, 12, HKV, D)),
                              _aval((N_Q, 12), jnp.int8), _aval((N_Q,), I32)), 'triton'),
 }
 

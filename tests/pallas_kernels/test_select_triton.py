@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import attention as bench
+from benchmarks import budgets
 from pallas_kernels.sparse_attention import block_tables as bt
 from pallas_kernels.sparse_attention import select_triton
 
@@ -28,7 +29,7 @@ def test_fused_selection_equals_the_xla_stage(seq, block_k, prefix):
   `top_k` path's tables: causal, a ragged key-block count (6, padded to 8),
   and a bidirectional prefix."""
   q, k = _int_inputs(seq, 1, seq, 8, 2, 64)
-  visible = bench.visible_tiles(seq, block_k, prefix)
+  visible = budgets.visible_tiles(seq, bench.BQ, block_k, prefix)
   for keep in (0.35, 1.0):
     want = bench.select_blocks(q, k, keep, visible, block_k, 'top_k')
     got = bench.select_blocks(q, k, keep, visible, block_k, 'fused')
@@ -36,12 +37,46 @@ def test_fused_selection_equals_the_xla_stage(seq, block_k, prefix):
     np.testing.assert_array_equal(got.kv_ids, want.kv_ids)
 
 
-def test_pool_blocks_is_mean_and_max():
-  q, k = _int_inputs(1, 2, 256, 4, 1, 32)
-  qp, kp = select_triton.pool_blocks(q, k, block_q=128, block_k=32, interpret=True)
-  mean = q.astype(jnp.float32).reshape(2, 2, 128, 1, 4, 32).mean(axis=(2, 4))
-  np.testing.assert_array_equal(qp, mean.astype(jnp.bfloat16))
-  np.testing.assert_array_equal(kp, k.reshape(2, 8, 32, 1, 32).max(axis=2))
+def test_pool_keys_is_the_block_max():
+  _, k = _int_inputs(1, 2, 256, 4, 2, 32)
+  kp = select_triton.pool_keys(k, block_k=32, interpret=True)
+  np.testing.assert_array_equal(kp, k.reshape(2, 8, 32, 2, 32).max(axis=2))
+
+
+def test_score_tables_pools_each_tile_and_its_group():
+  """Scores against one-hot pooled keys pick the dims of each tile's mean
+  query (over its rows and its group's heads) that are largest."""
+  q, _ = _int_inputs(2, 2, 256, 8, 2, 16)
+  kp = jnp.broadcast_to(jnp.eye(16, dtype=jnp.bfloat16)[None, :, None], (2, 16, 2, 16))
+  rule = jnp.full((2, 16), select_triton.CANDIDATE, jnp.int8)
+  ids, count = select_triton.score_tables(q, kp, rule, jnp.array([16, 16], jnp.int32), 16,
+                                          block_q=128, interpret=True)
+  np.testing.assert_array_equal(count, 16)
+  mean = q.astype(jnp.float32).reshape(2, 2, 128, 2, 4, 16).mean(axis=(2, 4))   # [B, nQ, Hkv, D]
+  mean = mean.astype(jnp.bfloat16).astype(jnp.float32).transpose(0, 2, 1, 3)
+  want = bt.tables_from_scores(mean, jnp.full((2, 2, 2), 5, jnp.int32), 5)
+  got = select_triton.score_tables(q, kp, rule, jnp.array([5, 5], jnp.int32), 5,
+                                   block_q=128, interpret=True)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_selection_passes_under_grad():
+  """A loss through attention whose tables these kernels build differentiates
+  (the fused fwd+bwd benchmark failed in linearization before): the tables
+  carry no gradient, the values' path does."""
+  q, k = _int_inputs(3, 1, 256, 4, 1, 32)
+  visible = budgets.visible_tiles(256, bench.BQ, 64)
+
+  def loss(q, k):
+    tables = bench.select_blocks(q, k, 0.5, visible, 64, 'fused')
+    scores = select_triton.tables_from_scores(
+        jnp.einsum('btd,bsd->bts', q[:, :, 0], k[:, :, 0]), 3, 3, interpret=True)
+    return (jnp.sum(q.astype(jnp.float32)) * jnp.sum(tables.kv_count)
+            + jnp.sum(k.astype(jnp.float32)) * jnp.sum(scores[1]))
+  dq, dk = jax.grad(loss, argnums=(0, 1))(q, k)
+  assert dq.shape == q.shape and float(jnp.abs(dq.astype(jnp.float32)).min()) > 0
+  assert float(jnp.abs(dk.astype(jnp.float32)).min()) > 0
 
 
 def test_a_scalar_budget_broadcasts_over_rows():
@@ -53,13 +88,13 @@ def test_a_scalar_budget_broadcasts_over_rows():
 
 
 @pytest.mark.parametrize('call, match', [
-    (lambda: select_triton.pool_blocks(jnp.zeros((1, 200, 4, 32)), jnp.zeros((1, 200, 1, 32)),
-                                       block_q=128, block_k=64), 'whole blocks'),
-    (lambda: select_triton.pool_blocks(jnp.zeros((1, 128, 3, 32)), jnp.zeros((1, 128, 1, 32)),
-                                       block_q=128, block_k=64), 'group=3'),
-    (lambda: select_triton.score_tables(jnp.zeros((1, 2, 1, 32)), jnp.zeros((1, 4, 1, 32)),
+    (lambda: select_triton.pool_keys(jnp.zeros((1, 200, 1, 32)), block_k=64), 'whole blocks'),
+    (lambda: select_triton.score_tables(jnp.zeros((1, 128, 3, 32)), jnp.zeros((1, 2, 1, 32)),
+                                        jnp.zeros((1, 2), jnp.int8), jnp.zeros((1,), jnp.int32),
+                                        2, block_q=128), 'group=3'),
+    (lambda: select_triton.score_tables(jnp.zeros((1, 256, 1, 32)), jnp.zeros((1, 4, 1, 32)),
                                         jnp.zeros((2, 3), jnp.int8), jnp.zeros((2,), jnp.int32),
-                                        2), 'rule'),
+                                        2, block_q=128), 'rule'),
 ])
 def test_bad_shapes_name_the_problem(call, match):
   with pytest.raises(ValueError, match=match):

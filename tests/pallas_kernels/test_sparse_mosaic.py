@@ -9,6 +9,7 @@ there the product is a plain dot (mosaic_gpu._attend says where).
 """
 
 import contextlib
+import dataclasses
 import functools
 import io
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from benchmarks import budgets
 from pallas_kernels.sparse_attention import BlockSizes, BlockTables, mosaic_gpu
 from pallas_kernels.sparse_attention import block_tables as bt
 from tests.pallas_kernels.sparse_attention_base import (
@@ -61,6 +63,33 @@ def test_persistent_ctas_give_the_same_bits(name, block_k, ctas):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), n)
 
 
+@pytest.mark.parametrize('ctas', [0, 3])
+def test_lengths_left_out_are_full_and_causal(ctas):
+  """kv_len / prefix_len None (static: every key valid, no prefix; the kernel
+  then takes no length arrays) give the bits of full lengths and zero prefixes,
+  forward and, through the custom_vjp, gradients."""
+  x = make_inputs(_PERSISTENT_CASES['random_ragged_gqa4'], jnp.bfloat16, 64,
+                  BlockSizes(128, 64), 2)
+  b, s = x.k.shape[:2]
+  full = dataclasses.replace(x, kv_len=jnp.full((b,), s, jnp.int32),
+                             prefix_len=jnp.zeros((b,), jnp.int32))
+  config = mosaic_gpu.Config(persistent_ctas=ctas)
+  want = _forward(full, config)
+  got = _forward(dataclasses.replace(full, kv_len=None, prefix_len=None), config)
+  for n, g, w in zip(('out', 'lse'), got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), n)
+  if ctas:
+    return   # the backward does not depend on the forward's CTAs
+
+  def grads(kv_len, prefix_len):
+    loss = lambda q, k, v: jnp.sum(mosaic_gpu.sparse_attention(
+        q, k, v, x.tables, kv_len, prefix_len, block_sizes=x.block_sizes,
+        interpret=True).astype(jnp.float32))
+    return jax.block_until_ready(jax.grad(loss, argnums=(0, 1, 2))(x.q, x.k, x.v))
+  for g, w in zip(grads(None, None), grads(full.kv_len, full.prefix_len)):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 @pytest.mark.parametrize('ctas', [0, 4])
 def test_no_races(ctas):
   """The interpreter's race detector over the forward, one tile a CTA and
@@ -100,18 +129,18 @@ def test_persistent_ctas_take_every_tile_once(batch, hq, n_q, ctas):
 @pytest.mark.parametrize('batch, n_q', [(4, 32), (2, 64), (8, 16)])
 @pytest.mark.parametrize('keep', [1.0, 0.35])
 def test_persistent_snake_balances_causal_tiles(batch, n_q, keep):
-  """The H200's 132 CTAs over the benchmark's causal tiles (16 heads, budget
-  ceil(keep x visible blocks)): the busiest CTA's blocks stay within 3% of the
-  mean plus one tile. Batch-slowest order overloaded some by 26-29% at 4k."""
+  """The H200's 132 CTAs over the benchmark's causal tiles (16 heads, its
+  budgets): the busiest CTA's blocks stay within 3% of the mean plus one tile.
+  Batch-slowest order overloaded some by 26-29% at 4k."""
   hq, ctas = 16, 132
   st = mosaic_gpu._Static(block_k=128, num_stages=2, scale=1.0, dtype=jnp.bfloat16,
                           interpreted=True, batch=batch, hq=hq, group=4, n_q=n_q, width=1,
                           ctas=ctas)
-  blocks = lambda qt: int(np.ceil(keep * (qt + 1)))
-  loads = [sum(blocks(int(mosaic_gpu._work(c, i, st)[2]))
+  blocks = budgets.causal_row_budgets(keep, n_q * 128, 128, 128)
+  loads = [sum(blocks[int(mosaic_gpu._work(c, i, st)[2])]
                for i in range(int(mosaic_gpu._tile_count(c, st)))) for c in range(ctas)]
-  mean = sum(blocks(qt) for qt in range(n_q)) * batch * hq / ctas
-  assert max(loads) <= 1.03 * mean + blocks(n_q - 1), (max(loads), mean)
+  mean = blocks.sum() * batch * hq / ctas
+  assert max(loads) <= 1.03 * mean + blocks[-1], (max(loads), mean)
 
 
 def test_persistent_ctas_must_not_be_negative():
