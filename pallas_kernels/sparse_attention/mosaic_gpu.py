@@ -518,7 +518,8 @@ def sparse_attention(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
 
   The forward is the Mosaic GPU kernel above; the backward the Mosaic dq and
   dk/dv kernels of mosaic_gpu_backward.py on its lse. Tables without the
-  transposed q_ids (tables_from_scores) get them in the backward.
+  transposed q_ids (tables_from_scores) get them in the backward. kv_len /
+  prefix_len None: static full lengths / no prefix (sparse_attention_fwd).
   interpret: run both in the GPU interpreter on the CPU.
   """
   return _attention(q, k, v, tables, kv_len, prefix_len, block_sizes, sm_scale, config,
