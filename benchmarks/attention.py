@@ -185,10 +185,9 @@ def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
 
   @jax.jit
   def kernel(q, k, v, tables):
-    b = q.shape[0]
-    kv_len = jnp.full((b,), seq, jnp.int32)
-    prefix_len = jnp.full((b,), prefix, jnp.int32)
+    prefix_len = jnp.full((q.shape[0],), prefix, jnp.int32)
     if impl == 'triton':
+      kv_len = jnp.full((q.shape[0],), seq, jnp.int32)
       return triton.sparse_attention(q, k, v, tables, kv_len, prefix_len, block_sizes=sizes)
     # Unpadded: the Mosaic kernels take the lengths as static (None), as a model's
     # unpadded batch does; a constant array would cost a broadcast kernel a call.
@@ -306,13 +305,14 @@ def bench_seq(seq, prefix, variant, baselines):
         res['ms'][name] = time_ms(fn, q, k, v)
       except Exception as e:  # a baseline that fails is reported, not fatal
         print(f'{name} failed at {seq}: {type(e).__name__}: {str(e)[:300]}')
+  visible = budgets.visible_tiles(seq, BQ, block_k, prefix)
   for sparsity in [0.0] + [float(s) for s in _SPARSITIES.value]:
     name = 'ours_dense' if sparsity == 0 else f'ours_s{round(100 * sparsity)}'
     run, select, kernel = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages)
     res['ms'][name] = time_ms(run, q, k, v)
     counts = jax.device_get(run(q, k, v)[1])
     computed = int(counts.sum()) * (_HEADS.value // _KV_HEADS.value)
-    res['sparsity'][name] = budgets.sparsity(counts, budgets.visible_tiles(seq, BQ, block_k, prefix))
+    res['sparsity'][name] = budgets.sparsity(counts, visible)
     res['tflops'][name] = 4 * BQ * block_k * _HEAD_DIM.value * computed / res['ms'][name] / 1e9
     if sparsity in (0.0, 0.65):   # where the time goes: kernel alone, selection alone
       tables = select(q, k)

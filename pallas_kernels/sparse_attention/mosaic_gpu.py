@@ -335,6 +335,13 @@ def unsupported(q, k, block_sizes) -> str | None:
   return None
 
 
+def _length_arrays(kv_len, prefix_len, batch, kv_seq):
+  """[B] int32 kv_len and prefix_len, a None filled in: full length, no prefix."""
+  fill = lambda x, value: (jnp.full((batch,), value, jnp.int32) if x is None
+                           else jnp.asarray(x, jnp.int32))
+  return fill(kv_len, kv_seq), fill(prefix_len, 0)
+
+
 def _check(q, k, v, tables, block_sizes):
   check_qkv(q, k, v)
   if reason := unsupported(q, k, block_sizes):
@@ -367,9 +374,8 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
   # broadcast kernel a call.
   static = (k.shape[1] if kv_len is None else None, 0 if prefix_len is None else None)
   lens = [jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len) if x is not None]
-  n_full = full_counts(tables.kv_ids, tables.kv_count, *(
-      jnp.full((b,), c, jnp.int32) if c is not None else x
-      for c, x in zip(static, (kv_len, prefix_len))), bk)
+  n_full = full_counts(tables.kv_ids, tables.kv_count,
+                       *_length_arrays(kv_len, prefix_len, b, k.shape[1]), bk)
   # Flat tables: one scalar load per lookup, no multi-dim index arithmetic.
   ids = tables.kv_ids.astype(jnp.int32).reshape(-1)
   counts = jnp.stack([tables.kv_count.astype(jnp.int32), n_full], -1).reshape(-1)
@@ -497,9 +503,7 @@ def _attention_fwd(q, k, v, tables, kv_len, prefix_len, *static):
 def _attention_bwd(block_sizes, sm_scale, config, interpret, residuals, d_out):
   """The Mosaic dq and dk/dv kernels (mosaic_gpu_backward.py), from the lse."""
   q, k, v, tables, kv_len, prefix_len, out, lse = residuals
-  b, s = k.shape[:2]
-  kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len
-  prefix_len = jnp.zeros((b,), jnp.int32) if prefix_len is None else prefix_len
+  kv_len, prefix_len = _length_arrays(kv_len, prefix_len, *k.shape[:2])
   dq, dk, dv = mosaic_gpu_backward.backward(
       q, k, v, tables, kv_len, prefix_len, out, lse, d_out, block_sizes=block_sizes,
       sm_scale=sm_scale, config=config.backward, interpret=interpret)
