@@ -11,9 +11,10 @@ barrier alternates the two warpgroups' softmax with the other's matmuls, so
 the tensor cores stay busy (the pattern of JAX's attention_mgpu.py).
 
 One table row serves the whole CTA (128 query rows): the tables' block_q is
-128. Tiles the element mask leaves fully visible (the ascending list's
-leading `full_count` entries; see `full_counts`) skip the mask arithmetic;
-the rest apply causal + prefix + kv_len exactly, so partial tiles are right.
+128. Blocks the element mask leaves fully visible to a warpgroup's rows (the
+ascending list's leading entries; the kernel finds them as it goes, see
+_attend) skip the mask arithmetic; the rest apply causal + prefix + kv_len
+exactly, so partial tiles are right.
 
 Rows with no visible key output 0; `lse` (natural log) is -inf there.
 """
@@ -63,23 +64,6 @@ class Config:
       raise ValueError(f"mosaic Config.num_stages={self.num_stages} must be >= 2")
     if self.persistent_ctas < 0:
       raise ValueError(f"mosaic Config.persistent_ctas={self.persistent_ctas} must be >= 0")
-
-
-def full_counts(kv_ids, kv_count, kv_len, prefix_len, block_k):
-  """[B, H, nQ] leading entries of each (ascending) list that need no mask.
-
-  Tile (query tile starting at q0, key block kb) is fully visible to all its
-  rows iff every key < kv_len and each key is in the prefix or <= q0. Both
-  bounds rise with kb, so in an ascending list these tiles form a prefix.
-  """
-  n_q = kv_ids.shape[2]
-  q0 = jnp.arange(n_q, dtype=jnp.int32)[None, None, :] * TILE_Q
-  kv_len = jnp.asarray(kv_len, jnp.int32)[:, None, None]
-  prefix = jnp.asarray(prefix_len, jnp.int32)[:, None, None]
-  limit = jnp.minimum(kv_len, jnp.maximum(prefix, q0 + 1))           # [B,1,nQ]
-  ends = (kv_ids + 1) * block_k                                       # [B,H,nQ,K]
-  listed = jnp.arange(kv_ids.shape[-1]) < kv_count[..., None]
-  return jnp.sum(listed & (ends <= limit[..., None]), axis=-1, dtype=jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,12 +116,21 @@ def _tile_count(c, st: _Static):
   return rounds + jnp.asarray(last < rest, jnp.int32)
 
 
-def _attend(qo_smem, ring, ids_ref, *, q_base, n, n_full, row, pos, lens, st: _Static):
+def _attend(qo_smem, ring, ids_ref, *, q_base, n, row, pos, lens, on_start, st: _Static):
   """Online softmax of one compute warpgroup's 64 query rows (in qo_smem) over
   the tile's n listed K/V blocks, which arrive in ring positions pos, pos + 1,
-  ... (slot: position mod num_stages). Returns (acc, m_i, l_i)."""
+  ... (slot: position mod num_stages). on_start() runs once the first block is
+  in (the previous tile's release, overlapped with that wait). Returns
+  (acc, m_i, l_i).
+
+  Blocks every row here sees whole (keys below `limit`) skip the mask
+  arithmetic. In an ascending list they come first: both bounds of `limit`
+  rise with the key, so the unmasked loop runs while the next id is below it.
+  """
   k_smem, v_smem, (k_bar, v_bar), (k_done, v_done), sched = ring
   kv_len, prefix = lens
+  limit = jnp.minimum(kv_len, jnp.maximum(prefix, q_base + 1))
+  id_at = lambda j: ids_ref[row + jnp.minimum(j, st.width - 1)]
   wg = lax.axis_index("wg")
   slot_of = lambda j: lax.rem(pos + j, st.num_stages)
   shape = (WG_ROWS, st.block_k)
@@ -156,11 +149,14 @@ def _attend(qo_smem, ring, ids_ref, *, q_base, n, n_full, row, pos, lens, st: _S
   def _():
     plgpu.barrier_wait(k_bar.at[slot_of(0)])
 
+  on_start()
   pl.when(wg == 1)(schedule)
 
   def step(j, carry, masked):
     acc, m_i, l_i = carry
     slot = slot_of(j)
+    # The block id's load goes out before the matmul, which hides its latency.
+    kb = ids_ref[row + j] if masked else None
 
     def qk_dot(acc_ref):
       plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -171,7 +167,7 @@ def _attend(qo_smem, ring, ids_ref, *, q_base, n, n_full, row, pos, lens, st: _S
     if masked:
       layout = plgpu.Layout.WGMMA
       q_pos = q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
-      k_pos = ids_ref[row + j] * st.block_k + plgpu.broadcasted_iota(
+      k_pos = kb * st.block_k + plgpu.broadcasted_iota(
           jnp.int32, shape, 1, layout=layout)
       visible = (k_pos < kv_len) & ((k_pos < prefix) | (k_pos <= q_pos))
       qk = jnp.where(visible, qk, -jnp.inf)
@@ -209,8 +205,17 @@ def _attend(qo_smem, ring, ids_ref, *, q_base, n, n_full, row, pos, lens, st: _S
     plgpu.barrier_arrive(v_done.at[slot])
     return acc, m_new, l_i
 
-  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m_i, l_i))
-  carry = lax.fori_loop(n_full, n, functools.partial(step, masked=True), carry)
+  def unmasked(carry):
+    j, _, *state = carry
+    next_kb = id_at(j + 1)     # loads during the step, tested after it
+    return j + 1, next_kb, *step(j, tuple(state), masked=False)
+
+  def next_unmasked(carry):
+    j, kb = carry[:2]
+    return (j < n) & ((kb + 1) * st.block_k <= limit)
+
+  j, _, *carry = lax.while_loop(next_unmasked, unmasked, (jnp.int32(0), id_at(0), acc, m_i, l_i))
+  carry = lax.fori_loop(j, n, functools.partial(step, masked=True), tuple(carry))
   pl.when(wg == 0)(schedule)
   return carry
 
@@ -227,32 +232,45 @@ def _store_rows(acc, m_i, l_i, qo_smem, lse_smem, out_rows, lse_rows, dtype):
   plgpu.copy_smem_to_gmem(lse_smem, lse_rows)
 
 
+def _count_of(cta, i, count, counts_ref, st: _Static):
+  """The block count of CTA cta's i-th tile, i clamped into [0, count)."""
+  return counts_ref[_work(cta, jnp.maximum(jnp.minimum(i, count - 1), 0), st)[3]]
+
+
 def _compute_wg(refs, scratch, st: _Static):
   """One compute warpgroup: 64 query rows of each of this CTA's tiles."""
   out_ref, lse_ref, ids_ref, counts_ref, lens_of = refs
   q_smem, lse_smem2, ring, (q_bar, q_free) = scratch
   wg, cta = lax.axis_index("wg"), lax.axis_index("ctas")
+  count = _tile_count(cta, st)
   plgpu.set_max_registers(232, action="increase")
 
-  def tile(i, pos):
+  def release(i):
+    """Once its output stores have read them, tile i's q buffer may take a
+    later tile's q (and lse's buffer this warpgroup's next rows)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.barrier_arrive(q_free.at[lax.rem(i, st.q_bufs)])
+
+  def tile(i, carry):
+    pos, n = carry
+    # The next tile's count loads now and arrives while this tile computes.
+    next_n = _count_of(cta, i + 1, count, counts_ref, st)
     b, h, qt, t = _work(cta, i, st)
-    n, n_full = counts_ref[2 * t], counts_ref[2 * t + 1]
     buf = lax.rem(i, st.q_bufs)
     qo_smem, q_base = q_smem.at[buf, wg], qt * TILE_Q + wg * WG_ROWS
     plgpu.barrier_wait(q_bar.at[buf * COMPUTE_WGS + wg])
-    acc, m_i, l_i = _attend(qo_smem, ring, ids_ref, q_base=q_base, n=n, n_full=n_full,
-                            row=t * st.width, pos=pos, lens=lens_of(b),
-                            st=st)
+    # The previous tile's stores read shared memory while this tile's first
+    # K/V block arrives: its release waits here, not at that tile's end.
+    on_start = lambda: pl.when(i > 0)(lambda: release(i - 1))
+    acc, m_i, l_i = _attend(qo_smem, ring, ids_ref, q_base=q_base, n=n, row=t * st.width,
+                            pos=pos, lens=lens_of(b), on_start=on_start, st=st)
     _store_rows(acc, m_i, l_i, qo_smem, lse_smem2.at[wg],
                 out_ref.at[b, pl.ds(q_base, WG_ROWS), h],
                 lse_ref.at[b, h, pl.ds(q_base, WG_ROWS)], st.dtype)
-    # Once the stores have read them, q's buffer may take a later tile's q
-    # and lse's this warpgroup's next rows.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.barrier_arrive(q_free.at[buf])
-    return pos + n
+    return pos + n, next_n
 
-  lax.fori_loop(0, _tile_count(cta, st), tile, jnp.int32(0))
+  lax.fori_loop(0, count, tile, (jnp.int32(0), _count_of(cta, 0, count, counts_ref, st)))
+  pl.when(count > 0)(lambda: release(count - 1))
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -274,9 +292,12 @@ def _memory_wg(refs, scratch, st: _Static):
 
   pl.when(count > 0)(lambda: load_q(0))
 
-  def tile(i, pos):
+  def tile(i, carry):
+    pos, n = carry
+    # The next tile's count loads now; it arrives while this tile streams.
+    next_n = _count_of(cta, i + 1, count, counts_ref, st)
     b, h, _, t = _work(cta, i, st)
-    n, row, kv_head = counts_ref[2 * t], t * st.width, lax.div(h, st.group)
+    row, kv_head = t * st.width, lax.div(h, st.group)
 
     def fetch(j):
       slot = lax.rem(pos + j, st.num_stages)
@@ -302,9 +323,10 @@ def _memory_wg(refs, scratch, st: _Static):
       load_q(i + 1)
 
     pl.loop(first, n)(fetch)
-    return pos + n
+    return pos + n, next_n
 
-  total = lax.fori_loop(0, count, tile, jnp.int32(0))
+  total, _ = lax.fori_loop(0, count, tile,
+                           (jnp.int32(0), _count_of(cta, 0, count, counts_ref, st)))
 
   # Observe the last consumptions and stores too, so every barrier phase is
   # waited on before the CTA ends (the interpreter checks this; it costs
@@ -374,11 +396,9 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
   # broadcast kernel a call.
   static = (k.shape[1] if kv_len is None else None, 0 if prefix_len is None else None)
   lens = [jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len) if x is not None]
-  n_full = full_counts(tables.kv_ids, tables.kv_count,
-                       *_length_arrays(kv_len, prefix_len, b, k.shape[1]), bk)
   # Flat tables: one scalar load per lookup, no multi-dim index arithmetic.
   ids = tables.kv_ids.astype(jnp.int32).reshape(-1)
-  counts = jnp.stack([tables.kv_count.astype(jnp.int32), n_full], -1).reshape(-1)
+  counts = tables.kv_count.astype(jnp.int32).reshape(-1)
 
   def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
     given = iter(refs[:len(lens)])

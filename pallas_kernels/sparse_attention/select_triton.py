@@ -6,9 +6,11 @@ kernels (a top_k and a sort, or three compare-and-reduce passes, plus the
 masking around them), each a launch of a few microseconds on a GPU; with the
 score pooling, that selection stage is 0.05-0.06 ms of a 65%-sparse forward
 at 4k-8k tokens whose kernel takes 0.22-0.36 ms (docs/results.md). Here one
-program takes one row of scores: block_cutoff's radix select (the one the
-fused decode kernel runs) finds the row's top-`budget` cutoff in lax.top_k's
-order, then the kept ids go to their slots by a cumsum and a scatter.
+program takes one row of scores and keeps its top `budget` in lax.top_k's
+order: rows of up to RANK_MAX_WIDTH blocks by each entry's rank (one pass of
+[W, W] compares), wider ones by block_cutoff's radix select (the one the
+fused decode kernel runs); then the kept ids go to their slots by a cumsum
+and a scatter.
 
 The tables are tables_from_scores' exactly (tested against its other methods,
 NaN and -0.0 included): the keys are block_tables.total_order_key, every real
@@ -45,13 +47,34 @@ def _row_tables_kernel(scores_ref, budget_ref, ids_ref, count_ref, *, n_k):
   _write_row_tables(scores_ref[...], budget_ref[...], ids_ref, count_ref, n_k=n_k)
 
 
+# Up to this row width, a top-k by rank ([W, W] compares, one pass); wider, the
+# radix select (~10 dependent passes over [16, W]; a [W, W] grid would be 256
+# registers a thread at W = 256 and 8 warps).
+RANK_MAX_WIDTH = 128
+
+
+def _top_k_by_rank(keys, candidates, budget):
+  """bool [W]: the `budget` best candidates, ties to the lower index (lax.top_k's
+  choice), in one pass: an entry is kept if fewer than `budget` candidates rank
+  ahead of it. Under Nsight Compute at 8k tokens the radix select's passes made
+  a 512-program scoring launch take 8.8 us beyond its loads (docs/results.md)."""
+  i = jax.lax.broadcasted_iota(jnp.int32, (keys.shape[0],) * 2, 0)
+  j = jax.lax.broadcasted_iota(jnp.int32, (keys.shape[0],) * 2, 1)
+  mine, theirs = keys[:, None], keys[None, :]
+  ahead = candidates[None, :] & ((theirs > mine) | ((theirs == mine) & (j < i)))
+  return candidates & (jnp.sum(ahead.astype(jnp.int32), axis=1) < budget)
+
+
 def _write_row_tables(scores, budget, ids_ref, count_ref, *, n_k):
   """The row's top-`budget` blocks of scores [W] (entries past n_k ignored) as
   ascending ids padded with the last one, and their count."""
   idx = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
   keys = bt.total_order_key(scores)
-  key, last = block_cutoff.top_k_cutoff(keys, idx < n_k, budget)
-  chosen = (keys > key) | ((keys == key) & (idx <= last))
+  if scores.shape[0] <= RANK_MAX_WIDTH:
+    chosen = _top_k_by_rank(keys, idx < n_k, budget)
+  else:
+    key, last = block_cutoff.top_k_cutoff(keys, idx < n_k, budget)
+    chosen = (keys > key) | ((keys == key) & (idx <= last))
   keep = chosen & (idx < n_k) & (scores > -jnp.inf)
   kept = keep.astype(jnp.int32)
   count = jnp.sum(kept)
@@ -156,10 +179,10 @@ def _score_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n_
 
 
 @functools.partial(jax.jit, static_argnames=('max_k', 'block_q', 'interpret', 'num_warps',
-                                             'rows_per_load'))
+                                             'rows_per_load', 'padded'))
 def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array,
                  max_k: int, *, block_q: int, interpret: bool = False,
-                 num_warps: int | None = None, rows_per_load: int = 16):
+                 num_warps: int | None = None, rows_per_load: int = 16, padded: bool = False):
   """kv tables (ids [B, Hkv, nQ, max_k], count [B, Hkv, nQ]) of the blocks each
   query tile keeps, one program a (batch, kv head, query tile), which pools
   its own tile: q is read once, by the programs that score it.
@@ -172,6 +195,10 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
   The same tables as block_tables.tables_from_scores of those masked scores.
   num_warps: by default 8 where a program's keys exceed 8192 elements (256
   blocks of 128 dims would be 256 registers a thread at 4 warps), else 4.
+  padded: ids keep the kernel's width, max_k rounded up to a power of two
+  (entries past a count repeat its last id, as in the first max_k); kernels
+  that read a row's first `count` entries take them as they are, and the slice
+  to max_k, a copy kernel of its own on a GPU (~2 us), is saved.
   """
   q, kp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kp)   # see tables_from_scores
   b, t, hq, d = q.shape
@@ -208,4 +235,4 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=3),
       interpret=interpret,
   )(q, kp, rule, jnp.minimum(budget.astype(jnp.int32), max_k))
-  return ids[..., :max_k], count
+  return (ids if padded else ids[..., :max_k]), count

@@ -33,8 +33,7 @@ def test_fused_selection_equals_the_xla_stage(seq, block_k, prefix):
   for keep in (0.35, 1.0):
     want = bench.select_blocks(q, k, keep, visible, block_k, 'top_k')
     got = bench.select_blocks(q, k, keep, visible, block_k, 'fused')
-    np.testing.assert_array_equal(got.kv_count, want.kv_count)
-    np.testing.assert_array_equal(got.kv_ids, want.kv_ids)
+    assert bench.same_tables(got, want)
 
 
 def test_pool_keys_is_the_block_max():
@@ -59,6 +58,12 @@ def test_score_tables_pools_each_tile_and_its_group():
                                    block_q=128, interpret=True)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g, w)
+  # padded: the kernel's power-of-two width, each row's last id repeated past 5.
+  ids, count = select_triton.score_tables(q, kp, rule, jnp.array([5, 5], jnp.int32), 5,
+                                          block_q=128, interpret=True, padded=True)
+  np.testing.assert_array_equal(count, want[1])
+  np.testing.assert_array_equal(ids, jnp.concatenate(
+      [want[0], jnp.repeat(want[0][..., -1:], 3, axis=-1)], axis=-1))
 
 
 def test_selection_passes_under_grad():
