@@ -110,13 +110,14 @@ def time_ms(fn, *args):
   return timing.time_ms(fn, *args, iters=_ITERS.value, repeats=_REPEATS.value)
 
 
-def select_blocks(q, k, keep, visible, block_k, method='top_k'):
+def select_blocks(q, k, keep, visible, block_k, method='top_k', score_options=None):
   """The timed selection stage: pooled block scores, a per-row budget, tables.
 
   Stands in for the gate's inference path (mean-pooled queries against
   max-pooled keys of each kv head; first and diagonal blocks forced) so that
   its cost is inside the timing; the learned projection adds one small matmul.
-  `visible` is a static numpy [nQ, nK] array; `method` is tables_from_scores'.
+  `visible` is a static numpy [nQ, nK] array; `method` is tables_from_scores',
+  or 'fused'; score_options: more keywords of the fused score_tables.
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
@@ -129,7 +130,7 @@ def select_blocks(q, k, keep, visible, block_k, method='top_k'):
                     np.where(visible, select_triton.CANDIDATE, select_triton.HIDDEN))
     kv_ids, kv_count = select_triton.score_tables(
         q, kp, jnp.asarray(rule, jnp.int8), jnp.asarray(budget), int(budget.max()),
-        block_q=BQ, interpret=interpret, padded=True)
+        block_q=BQ, interpret=interpret, padded=True, **(score_options or {}))
     return bt.BlockTables(kv_ids, kv_count, None, None)
   # q is the one big read here (64 MB at 16k tokens): one reduction over each
   # tile's rows, bf16 in and an f32 accumulator (the convert fuses into it; no

@@ -179,10 +179,11 @@ def _score_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n_
 
 
 @functools.partial(jax.jit, static_argnames=('max_k', 'block_q', 'interpret', 'num_warps',
-                                             'rows_per_load', 'padded'))
+                                             'rows_per_load', 'num_stages', 'padded'))
 def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array,
                  max_k: int, *, block_q: int, interpret: bool = False,
-                 num_warps: int | None = None, rows_per_load: int = 16, padded: bool = False):
+                 num_warps: int | None = None, rows_per_load: int = 16, num_stages: int = 3,
+                 padded: bool = False):
   """kv tables (ids [B, Hkv, nQ, max_k], count [B, Hkv, nQ]) of the blocks each
   query tile keeps, one program a (batch, kv head, query tile), which pools
   its own tile: q is read once, by the programs that score it.
@@ -195,6 +196,8 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
   The same tables as block_tables.tables_from_scores of those masked scores.
   num_warps: by default 8 where a program's keys exceed 8192 elements (256
   blocks of 128 dims would be 256 registers a thread at 4 warps), else 4.
+  rows_per_load, num_stages: the q tile is read rows_per_load rows (x the
+  group's heads) a load, num_stages loads in flight (Triton's pipelining).
   padded: ids keep the kernel's width, max_k rounded up to a power of two
   (entries past a count repeat its last id, as in the first max_k); kernels
   that read a row's first `count` entries take them as they are, and the slice
@@ -232,7 +235,7 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
                  pl.BlockSpec((None, None, None), lambda bi, h, i: (bi, h, i))],
       out_shape=[jax.ShapeDtypeStruct((b, hkv, n_q, out_width), jnp.int32),
                  jax.ShapeDtypeStruct((b, hkv, n_q), jnp.int32)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=3),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
   )(q, kp, rule, jnp.minimum(budget.astype(jnp.int32), max_k))
   return (ids if padded else ids[..., :max_k]), count

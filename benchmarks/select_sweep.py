@@ -1,0 +1,102 @@
+"""The fused selection's scoring launch under several Triton configurations.
+
+  python benchmarks/select_sweep.py --out DIR [--seqs 4096,8192] \
+      [--score_configs 4x16x3,8x32x3]
+
+select_triton.score_tables reads all of q (64 MB at 16k tokens) in one wave
+of programs, one a query tile, then scores and selects; under Nsight Compute
+at 8k it ran at ~2.9 TB/s (docs/results.md). Each WARPSxROWSxSTAGES entry
+sets its num_warps, rows_per_load and num_stages; the whole `fused`
+selection (attention.select_blocks, pool_keys included) is timed per entry,
+alternating entries batch by batch, and its tables are checked against the
+first entry's. Shape flags are attention.py's. Writes select_sweep.json/.md.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import attention  # noqa: E402
+from benchmarks import budgets  # noqa: E402
+from benchmarks import timing  # noqa: E402
+
+_CONFIGS = flags.DEFINE_list('score_configs', ['4x16x3', '8x16x3', '4x32x3', '8x32x3',
+                                               '4x16x4', '8x32x2', '4x8x4'],
+                             'WARPSxROWSxSTAGES of score_tables (the first: the reference)')
+_KEEP = flags.DEFINE_float('keep', 0.35, 'share of the visible blocks each row keeps')
+_BLOCK = flags.DEFINE_integer('sweep_block_k', 128, 'key block')
+_ROUNDS = flags.DEFINE_integer('sweep_rounds', 7, 'alternating timed batches (median)')
+
+
+def score_options(spec):
+  fields = spec.split('x')
+  if len(fields) != 3 or not all(f.isdigit() for f in fields):
+    raise ValueError(f'--score_configs entry {spec!r} is not WARPSxROWSxSTAGES (e.g. 4x16x3)')
+  warps, rows, stages = map(int, fields)
+  return dict(num_warps=warps, rows_per_load=rows, num_stages=stages)
+
+
+flags.register_validator('score_configs', lambda specs: attention._parses(score_options, specs),
+                         '--score_configs: WARPSxROWSxSTAGES entries')
+
+
+def sweep(seq):
+  q, k, _ = attention.make_inputs(seq)
+  bk = _BLOCK.value
+  visible = budgets.visible_tiles(seq, attention.BQ, bk, 0)
+  fns = {spec: jax.jit(lambda q, k, o=score_options(spec): attention.select_blocks(
+      q, k, _KEEP.value, visible, bk, 'fused', score_options=o)) for spec in _CONFIGS.value}
+  row = dict(seq=seq, batch=q.shape[0], block_k=bk, ms={}, same={}, errors={})
+  want = fns[_CONFIGS.value[0]](q, k)
+  for spec, fn in list(fns.items()):
+    try:
+      row['same'][spec] = attention.same_tables(fn(q, k), want)
+    except Exception as e:   # e.g. a configuration Triton cannot compile: reported
+      row['errors'][spec] = f'{type(e).__name__}: {str(e)[-300:]}'
+      del fns[spec]
+  times = {spec: [] for spec in fns}
+  for _ in range(_ROUNDS.value):
+    for spec, fn in fns.items():
+      times[spec].append(timing.time_ms(fn, q, k, iters=attention._ITERS.value, repeats=1))
+  row['ms'] = {spec: statistics.median(t) for spec, t in times.items()}
+  print(json.dumps(row))
+  return row
+
+
+def markdown(rows, env):
+  specs = _CONFIGS.value
+  lines = [f"{env['device']}, jax {env['jax']}, {env['date']}: the fused selection "
+           f'(pool_keys + score_tables), keep {_KEEP.value}, block_k {_BLOCK.value}, ms '
+           f'(median of {_ROUNDS.value} alternating batches); score_tables as '
+           'WARPSxROWSxSTAGES; * = tables differ from the first entry\'s', '',
+           '| seq | ' + ' | '.join(specs) + ' |', '| --- ' * (1 + len(specs)) + '|']
+  for r in rows:
+    cells = [('failed' if s in r['errors'] else
+              f"{r['ms'][s]:.4f}{'' if r['same'][s] else ' *'}") for s in specs]
+    lines.append(f"| {r['seq']} | " + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(_):
+  out = attention.FLAGS.value
+  os.makedirs(out, exist_ok=True)
+  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+             date=time.strftime('%Y-%m-%d'))
+  rows = [sweep(int(seq)) for seq in attention._SEQS.value]
+  with open(os.path.join(out, 'select_sweep.json'), 'w') as f:
+    json.dump(dict(env=env, rows=rows), f, indent=1)
+  table = markdown(rows, env)
+  with open(os.path.join(out, 'select_sweep.md'), 'w') as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == '__main__':
+  app.run(main)
