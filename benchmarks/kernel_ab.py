@@ -43,6 +43,8 @@ _ROUNDS = flags.DEFINE_integer('rounds', 7, 'alternating timed batches of each (
 _CTAS = flags.DEFINE_list('ctas', ['sm', '0'], "Config.persistent_ctas values to compare: "
                           "'sm' (the GPU's SM count: persistent) and/or integers (0: a CTA "
                           'per tile)')
+flags.register_validator('ctas', lambda specs: all(s == 'sm' or s.isdigit() for s in specs),
+                         "--ctas: 'sm' or non-negative integers")
 
 
 def load_bases(paths):
