@@ -17,7 +17,6 @@ relative error). Shape flags are attention.py's
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -72,15 +71,6 @@ def forward(module, ctas, block_k, stages):
       q, k, v, tables, None, None, block_sizes=sizes, config=config, interpret=interpret)[0])
 
 
-def alternate(fns, *args):
-  """{name: median ms} over --rounds batches, the fns timed in turn each round."""
-  times = {name: [] for name in fns}
-  for _ in range(_ROUNDS.value):
-    for name, fn in fns.items():
-      times[name].append(timing.time_ms(fn, *args, iters=attention._ITERS.value, repeats=1))
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def bench(seq, bases):
   q, k, v = attention.make_inputs(seq)
   bk = _BLOCK_K.value
@@ -100,7 +90,8 @@ def bench(seq, bases):
       got = jax.device_get(fns[f'{name}_{spec}'](q, k, v, tables))
       row['same'][f'{name}_{spec}'] = bool(np.array_equal(want, got))
       row['rel_err'][f'{name}_{spec}'] = attention.rel_err(got, want)
-    row['ms'].update(alternate(fns, q, k, v, tables))
+    row['ms'].update(timing.time_alternating(fns, q, k, v, tables, rounds=_ROUNDS.value,
+                                             iters=attention._ITERS.value))
     for name in bases:
       row['ratio'][f'{name}_{spec}'] = row['ms'][f'new_{spec}'] / row['ms'][f'{name}_{spec}']
   print(json.dumps(row))

@@ -14,7 +14,6 @@ first entry's. Shape flags are attention.py's. Writes select_sweep.json/.md.
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -61,11 +60,8 @@ def sweep(seq):
     except Exception as e:   # e.g. a configuration Triton cannot compile: reported
       row['errors'][spec] = f'{type(e).__name__}: {str(e)[-300:]}'
       del fns[spec]
-  times = {spec: [] for spec in fns}
-  for _ in range(_ROUNDS.value):
-    for spec, fn in fns.items():
-      times[spec].append(timing.time_ms(fn, q, k, iters=attention._ITERS.value, repeats=1))
-  row['ms'] = {spec: statistics.median(t) for spec, t in times.items()}
+  row['ms'] = timing.time_alternating(fns, q, k, rounds=_ROUNDS.value,
+                                      iters=attention._ITERS.value)
   print(json.dumps(row))
   return row
 

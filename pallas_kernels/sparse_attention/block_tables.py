@@ -168,6 +168,19 @@ def total_order_key(scores: jax.Array) -> jax.Array:
   return bits ^ ((bits >> (8 * bits.dtype.itemsize - 1)) & jnp.iinfo(as_int).max)
 
 
+def top_k_rank(key, candidates=None):
+  """int32 [..., N]: how many entries (of `candidates`, bool [..., N]; default
+  all) come before each one in lax.top_k's order of `key` (total_order_key):
+  higher first, ties to the lower index. One [N, N] compare and a sum; XLA
+  fuses the compare into the reduction, and in a kernel it stays in registers."""
+  idx = jnp.arange(key.shape[-1], dtype=jnp.int32)
+  ki, kj = key[..., :, None], key[..., None, :]
+  beats = (kj > ki) | ((kj == ki) & (idx[None, :] < idx[:, None]))
+  if candidates is not None:
+    beats &= candidates[..., None, :]
+  return beats.sum(axis=-1, dtype=jnp.int32)
+
+
 def _tables_by_rank(scores, budget, max_k):
   """tables_from_scores(method='rank'): a sort-free top-k in three fused
   compare-and-reduce passes, each over a broadcast compare that XLA fuses
@@ -183,11 +196,8 @@ def _tables_by_rank(scores, budget, max_k):
   count, and 0 for an empty row: compact_rows' padding without the count.
   """
   n_k = scores.shape[-1]
-  key = total_order_key(scores)
   idx = jnp.arange(n_k, dtype=jnp.int32)
-  ki, kj = key[..., :, None], key[..., None, :]
-  beats = (kj > ki) | ((kj == ki) & (idx[None, :] < idx[:, None]))
-  rank = beats.sum(axis=-1, dtype=jnp.int32)
+  rank = top_k_rank(total_order_key(scores))
   cap = jnp.minimum(jnp.asarray(budget, jnp.int32), max_k)
   keep = (rank < cap[..., None]) & (scores > -jnp.inf)
   count = keep.sum(axis=-1, dtype=jnp.int32)

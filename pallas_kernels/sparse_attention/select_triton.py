@@ -47,23 +47,12 @@ def _row_tables_kernel(scores_ref, budget_ref, ids_ref, count_ref, *, n_k):
   _write_row_tables(scores_ref[...], budget_ref[...], ids_ref, count_ref, n_k=n_k)
 
 
-# Up to this row width, a top-k by rank ([W, W] compares, one pass); wider, the
-# radix select (~10 dependent passes over [16, W]; a [W, W] grid would be 256
-# registers a thread at W = 256 and 8 warps).
+# Up to this row width, a top-k by rank (block_tables.top_k_rank: [W, W]
+# compares, one pass); wider, the radix select (~10 dependent passes over
+# [16, W]; a [W, W] grid would be 256 registers a thread at W = 256, 8 warps).
+# Under Nsight Compute at 8k tokens the rank took the fused scoring launch from
+# 26.4 to 23.7 us (docs/results.md).
 RANK_MAX_WIDTH = 128
-
-
-def _top_k_by_rank(keys, candidates, budget):
-  """bool [W]: the `budget` best candidates, ties to the lower index (lax.top_k's
-  choice), in one pass: an entry is kept if fewer than `budget` candidates rank
-  ahead of it. Under Nsight Compute at 8k tokens, a scoring launch over pooled
-  queries ran 8.8 us with the radix select; with this, the fused scoring launch
-  fell from 26.4 to 23.7 us (docs/results.md)."""
-  i = jax.lax.broadcasted_iota(jnp.int32, (keys.shape[0],) * 2, 0)
-  j = jax.lax.broadcasted_iota(jnp.int32, (keys.shape[0],) * 2, 1)
-  mine, theirs = keys[:, None], keys[None, :]
-  ahead = candidates[None, :] & ((theirs > mine) | ((theirs == mine) & (j < i)))
-  return candidates & (jnp.sum(ahead.astype(jnp.int32), axis=1) < budget)
 
 
 def _write_row_tables(scores, budget, ids_ref, count_ref, *, n_k):
@@ -71,12 +60,13 @@ def _write_row_tables(scores, budget, ids_ref, count_ref, *, n_k):
   ascending ids padded with the last one, and their count."""
   idx = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
   keys = bt.total_order_key(scores)
-  if scores.shape[0] <= RANK_MAX_WIDTH:
-    chosen = _top_k_by_rank(keys, idx < n_k, budget)
+  candidates = idx < n_k
+  if scores.shape[0] <= RANK_MAX_WIDTH:   # kept: fewer than `budget` come before it
+    chosen = bt.top_k_rank(keys, candidates) < budget
   else:
-    key, last = block_cutoff.top_k_cutoff(keys, idx < n_k, budget)
+    key, last = block_cutoff.top_k_cutoff(keys, candidates, budget)
     chosen = (keys > key) | ((keys == key) & (idx <= last))
-  keep = chosen & (idx < n_k) & (scores > -jnp.inf)
+  keep = chosen & candidates & (scores > -jnp.inf)
   kept = keep.astype(jnp.int32)
   count = jnp.sum(kept)
   slot_of = jnp.cumsum(kept) - kept
