@@ -224,7 +224,10 @@ def _store_rows(acc, m_i, l_i, qo_smem, lse_smem, out_rows, lse_rows, dtype):
   """Issues the TMA stores of 64 normalized output rows (through qo_smem, whose
   q is spent) and their lse; the caller waits for them."""
   # l_i >= 1 on any row that saw a key (its max contributes exp2(0)); 0 else.
-  acc /= lax.broadcast_in_dim(jnp.maximum(l_i, 1.0), acc.shape, [0])
+  # One division a row, then a multiply an element: an f32 division is an
+  # IEEE div.rn sequence of ~8 instructions, and 64 of them a thread here would
+  # be the tile's epilogue, where neither warpgroup's matmuls cover it.
+  acc *= lax.broadcast_in_dim(1.0 / jnp.maximum(l_i, 1.0), acc.shape, [0])
   qo_smem[...] = acc.astype(dtype)
   lse_smem[...] = (m_i + jnp.log2(l_i)) * (1.0 / LOG2E)
   plgpu.commit_smem()
