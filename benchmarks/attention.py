@@ -64,6 +64,12 @@ _PERSISTENT = flags.DEFINE_bool('persistent', False, 'also time the persistent f
                                  'ours_dense_persistent[_kernel], ours_s65_persistent[_kernel]; '
                                  'with --check, checked against the reference too')
 _ITERS = flags.DEFINE_integer('iters', 20, 'calls per timed batch')
+_ALTERNATE = flags.DEFINE_integer('alternate_rounds', 0, 'forward: also time the dense '
+                                  'baselines and ours at 65% (persistent too, with '
+                                  '--persistent) end to end in alternation, this many batches '
+                                  'each (timing.time_alternating), so that the GPU\'s drift '
+                                  'hits the ratio\'s two sides alike; keys `alternating` and '
+                                  '`alternating_ratio` (to the fastest dense kernel of those)')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed batches (median)')
 _CHECK = flags.DEFINE_bool('check', True, 'compare kernels with the reference first')
 _BASELINES = flags.DEFINE_list('baselines', ['cudnn', 'tokamax'], 'dense kernels to time')
@@ -299,6 +305,16 @@ def check_kernels():
   return rows
 
 
+def alternate(res, dense, ours, q, k, v):
+  """res['alternating'][name] = ms of the dense and our paths timed in alternation,
+  and res['alternating_ratio'] each over the fastest dense one."""
+  ms = timing.time_alternating(dense | ours, q, k, v, rounds=_ALTERNATE.value,
+                               iters=_ITERS.value)
+  best = min(ms[n] for n in dense)
+  res['alternating'] = ms
+  res['alternating_ratio'] = {n: t / best for n, t in ms.items()}
+
+
 def bench_seq(seq, prefix, variant, baselines):
   """One row: dense baselines (causal only), our kernel dense and sparse.
   The usual keys select with the first --select_method (`select_method`); at
@@ -337,6 +353,9 @@ def bench_seq(seq, prefix, variant, baselines):
       res['ms'][name + '_persistent_kernel'] = time_ms(kernel_p, q, k, v, tables)
       res.setdefault('persistent_same', {})[name] = bool(np.array_equal(
           kernel(q, k, v, tables), kernel_p(q, k, v, tables)))
+    if _ALTERNATE.value and sparsity == 0.65 and prefix == 0:
+      ours = {name: run} | ({name + '_persistent': run_p} if _PERSISTENT.value else {})
+      alternate(res, {n: baselines[n] for n in res['ms'] if n in baselines}, ours, q, k, v)
     if sparsity == 0.65:   # the other selection methods, in the same run
       for method in _SELECT_METHODS.value[1:]:
         run_m, select_m, _ = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages,
@@ -712,6 +731,17 @@ def forward_markdown(results):
       cells.append('' if ms is None else f"{ms:.3f} ({ms / r['best_dense_ms']:.2f}x)")
     lines.append(f"| {r['seq']} | {r['prefix']} | {r['block_k']}, {r['stages']} | "
                  + ' | '.join(cells) + ' |')
+  alt = [r for r in results if 'alternating' in r]
+  if alt:
+    names = sorted({n for r in alt for n in r['alternating']})
+    lines += ['', f'Timed in alternation ({_ALTERNATE.value} batches each, median; ms and the '
+              'ratio to the fastest dense kernel of these):', '',
+              '| seq | block_k | ' + ' | '.join(names) + ' |',
+              '| --- | --- | ' + ' | '.join('---' for _ in names) + ' |']
+    for r in alt:
+      lines.append(f"| {r['seq']} | {r['block_k']} | " + ' | '.join(
+          f"{r['alternating'][n]:.3f} ({r['alternating_ratio'][n]:.3f}x)"
+          if n in r['alternating'] else '' for n in names) + ' |')
   tnames = sorted({n for r in results for n in r['tflops']})
   lines += ['', 'Throughput on the computed tiles (TFLOP/s):', '',
             '| seq | prefix | block_k, stages | ' + ' | '.join(tnames) + ' |',

@@ -7,7 +7,8 @@ select_triton.score_tables reads all of q (64 MB at 16k tokens) in one wave
 of programs, one a query tile, then scores and selects; under Nsight Compute
 at 8k it ran at ~2.9 TB/s (docs/results.md). Each WARPSxROWSxSTAGES entry
 sets its num_warps, rows_per_load and num_stages; the whole `fused`
-selection (attention.select_blocks, pool_keys included) is timed per entry,
+selection (attention.select_blocks, pool_keys included), or with
+--sweep_forward the persistent forward with it inside, is timed per entry,
 alternating entries batch by batch, and its tables are checked against the
 first entry's. Shape flags are attention.py's. Writes select_sweep.json/.md.
 """
@@ -25,13 +26,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
 from benchmarks import budgets  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
+from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
 
-_CONFIGS = flags.DEFINE_list('score_configs', ['4x16x3', '8x16x3', '4x32x3', '8x32x3',
+_CONFIGS = flags.DEFINE_list('score_configs', ['4x32x3', '4x16x3', '8x16x3', '8x32x3',
                                                '4x16x4', '8x32x2', '4x8x4'],
                              'WARPSxROWSxSTAGES of score_tables (the first: the reference)')
 _KEEP = flags.DEFINE_float('keep', 0.35, 'share of the visible blocks each row keeps')
 _BLOCK = flags.DEFINE_integer('sweep_block_k', 128, 'key block')
 _ROUNDS = flags.DEFINE_integer('sweep_rounds', 7, 'alternating timed batches (median)')
+_FORWARD = flags.DEFINE_bool('sweep_forward', False, 'time the whole 65%-style forward (the '
+                             'selection, then the persistent Mosaic kernel) per entry, in '
+                             'place of the selection alone: timed alone a selection is '
+                             'dispatch-bound')
 
 
 def score_options(spec):
@@ -46,21 +53,33 @@ flags.register_validator('score_configs', lambda specs: attention._parses(score_
                          '--score_configs: WARPSxROWSxSTAGES entries')
 
 
+def forward(select, block_k):
+  """jitted (q, k, v) -> out: select's tables, then the persistent Mosaic forward."""
+  config = mosaic_gpu.Config(persistent_ctas=attention.sm_count())
+  sizes = bt.BlockSizes(attention.BQ, block_k)
+  return jax.jit(lambda q, k, v: mosaic_gpu.sparse_attention_fwd(
+      q, k, v, select(q, k), None, None, block_sizes=sizes, config=config)[0])
+
+
 def sweep(seq):
-  q, k, _ = attention.make_inputs(seq)
+  q, k, v = attention.make_inputs(seq)
   bk = _BLOCK.value
   visible = budgets.visible_tiles(seq, attention.BQ, bk, 0)
-  fns = {spec: jax.jit(lambda q, k, o=score_options(spec): attention.select_blocks(
+  selects = {spec: jax.jit(lambda q, k, o=score_options(spec): attention.select_blocks(
       q, k, _KEEP.value, visible, bk, 'fused', score_options=o)) for spec in _CONFIGS.value}
-  row = dict(seq=seq, batch=q.shape[0], block_k=bk, ms={}, same={}, errors={})
-  want = fns[_CONFIGS.value[0]](q, k)
-  for spec, fn in list(fns.items()):
+  row = dict(seq=seq, batch=q.shape[0], block_k=bk, forward=_FORWARD.value, ms={}, same={},
+             errors={})
+  want = selects[_CONFIGS.value[0]](q, k)
+  for spec, fn in list(selects.items()):
     try:
       row['same'][spec] = attention.same_tables(fn(q, k), want)
     except Exception as e:   # e.g. a configuration Triton cannot compile: reported
       row['errors'][spec] = f'{type(e).__name__}: {str(e)[-300:]}'
-      del fns[spec]
-  row['ms'] = timing.time_alternating(fns, q, k, rounds=_ROUNDS.value,
+      del selects[spec]
+  fns = {spec: forward(select, bk) if _FORWARD.value else select
+         for spec, select in selects.items()}
+  args = (q, k, v) if _FORWARD.value else (q, k)
+  row['ms'] = timing.time_alternating(fns, *args, rounds=_ROUNDS.value,
                                       iters=attention._ITERS.value)
   print(json.dumps(row))
   return row
@@ -68,8 +87,10 @@ def sweep(seq):
 
 def markdown(rows, env):
   specs = _CONFIGS.value
-  lines = [f"{env['device']}, jax {env['jax']}, {env['date']}: the fused selection "
-           f'(pool_keys + score_tables), keep {_KEEP.value}, block_k {_BLOCK.value}, ms '
+  timed = ('the persistent forward with the fused selection inside' if _FORWARD.value
+           else 'the fused selection (pool_keys + score_tables)')
+  lines = [f"{env['device']}, jax {env['jax']}, {env['date']}: {timed}, "
+           f'keep {_KEEP.value}, block_k {_BLOCK.value}, ms '
            f'(median of {_ROUNDS.value} alternating batches); score_tables as '
            'WARPSxROWSxSTAGES; * = tables differ from the first entry\'s', '',
            '| seq | ' + ' | '.join(specs) + ' |', '| --- ' * (1 + len(specs)) + '|']

@@ -173,7 +173,7 @@ def _score_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n_
                                              'rows_per_load', 'num_stages', 'padded'))
 def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array,
                  max_k: int, *, block_q: int, interpret: bool = False,
-                 num_warps: int | None = None, rows_per_load: int = 16, num_stages: int = 3,
+                 num_warps: int | None = None, rows_per_load: int = 32, num_stages: int = 3,
                  padded: bool = False):
   """kv tables (ids [B, Hkv, nQ, max_k], count [B, Hkv, nQ]) of the blocks each
   query tile keeps, one program a (batch, kv head, query tile), which pools
@@ -189,6 +189,9 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
   blocks of 128 dims would be 256 registers a thread at 4 warps), else 4.
   rows_per_load, num_stages: the q tile is read rows_per_load rows (x the
   group's heads) a load, num_stages loads in flight (Triton's pipelining).
+  32 rows a load took the 65% forward at 4k 1.1% under 16's, end to end, and
+  the kernel ~1 us under it at 8k under Nsight Compute (H200,
+  docs/results.md).
   padded: ids keep the kernel's width, max_k rounded up to a power of two
   (entries past a count repeat its last id, as in the first max_k); kernels
   that read a row's first `count` entries take them as they are, and the slice

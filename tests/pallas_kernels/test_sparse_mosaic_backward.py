@@ -216,13 +216,15 @@ def test_dkv_launch_orders_visit_every_tile_once(order, b, hkv, n_k):
     assert (kb[:b * hkv] == 0).all()
   if order == 'longest_first':
     assert (np.diff(counts) <= 0).all()
+  if order == 'blocks_ascending':   # key block by key block, heads and rows within
+    assert (np.diff(kb) >= 0).all()
 
 
 def test_dkv_launch_order_changes_no_gradient():
   """Each dk/dv CTA sums its own key block's gradients: the order it launches
   in (Config.dkv_order) cannot change them. Two kv heads, two key blocks."""
   x = _inputs(CASES['random_ragged_mha_bk128'])
-  for order in ('sink_first', 'longest_first'):
+  for order in ('sink_first', 'longest_first', 'blocks_ascending'):
     _assert_same_grads(x, mosaic_gpu_backward.Config(dkv_order='heads_slowest'),
                        mosaic_gpu_backward.Config(dkv_order=order))
   with pytest.raises(ValueError, match="dkv_order='diagonal'"):
