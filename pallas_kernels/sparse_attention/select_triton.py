@@ -189,8 +189,8 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
   blocks of 128 dims would be 256 registers a thread at 4 warps), else 4.
   rows_per_load, num_stages: the q tile is read rows_per_load rows (x the
   group's heads) a load, num_stages loads in flight (Triton's pipelining).
-  32 rows a load took the 65% forward at 4k 1.1% under 16's, end to end, and
-  the kernel ~1 us under it at 8k under Nsight Compute (H200,
+  32 rows a load took the persistent 65% forward 0.8% / 0.7% under 16's at
+  4k / 8k, end to end, in alternation (H200, select_sweep.py --sweep_forward;
   docs/results.md).
   padded: ids keep the kernel's width, max_k rounded up to a power of two
   (entries past a count repeat its last id, as in the first max_k); kernels
