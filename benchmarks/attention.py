@@ -189,15 +189,17 @@ def sm_count():
 
 
 def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
-              backward=mosaic_gpu_backward.Config(), persistent_ctas=0):
+              backward=mosaic_gpu_backward.Config(), persistent_ctas=0, score_options=None):
   """jitted (q, k, v) -> (out, kv_count) with selection inside, and its parts.
   method: the tables' (default: the first of --select_method); backward: the
-  Mosaic backward's Config (impl 'mosaic_vjp'); persistent_ctas: the forward's."""
+  Mosaic backward's Config (impl 'mosaic_vjp'); persistent_ctas: the forward's;
+  score_options: select_blocks'."""
   visible = budgets.visible_tiles(seq, BQ, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
   config = mosaic_gpu.Config(stages, backward, persistent_ctas)
   method = method or _SELECT_METHODS.value[0]
-  select = jax.jit(lambda q, k: select_blocks(q, k, keep, visible, block_k, method))
+  select_fn = lambda q, k: select_blocks(q, k, keep, visible, block_k, method, score_options)
+  select = jax.jit(select_fn)
 
   @jax.jit
   def kernel(q, k, v, tables):
@@ -216,7 +218,7 @@ def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
 
   @jax.jit
   def run(q, k, v):
-    tables = select_blocks(q, k, keep, visible, block_k, method)
+    tables = select_fn(q, k)
     return kernel(q, k, v, tables), tables.kv_count
   return run, select, kernel
 

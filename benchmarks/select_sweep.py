@@ -24,10 +24,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
-from benchmarks import budgets  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
-from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list('score_configs', ['4x32x3', '4x16x3', '8x16x3', '8x32x3',
                                                '4x16x4', '8x32x2', '4x8x4'],
@@ -53,31 +50,24 @@ flags.register_validator('score_configs', lambda specs: attention._parses(score_
                          '--score_configs: WARPSxROWSxSTAGES entries')
 
 
-def forward(select, block_k):
-  """jitted (q, k, v) -> out: select's tables, then the persistent Mosaic forward."""
-  config = mosaic_gpu.Config(persistent_ctas=attention.sm_count())
-  sizes = bt.BlockSizes(attention.BQ, block_k)
-  return jax.jit(lambda q, k, v: mosaic_gpu.sparse_attention_fwd(
-      q, k, v, select(q, k), None, None, block_sizes=sizes, config=config)[0])
-
-
 def sweep(seq):
   q, k, v = attention.make_inputs(seq)
   bk = _BLOCK.value
-  visible = budgets.visible_tiles(seq, attention.BQ, bk, 0)
-  selects = {spec: jax.jit(lambda q, k, o=score_options(spec): attention.select_blocks(
-      q, k, _KEEP.value, visible, bk, 'fused', score_options=o)) for spec in _CONFIGS.value}
+  # (run, select): the persistent forward with the selection inside, and it alone.
+  paths = {spec: attention.sparse_fn(_KEEP.value, seq, 0, bk, 2, method='fused',
+                                     persistent_ctas=attention.sm_count() if _FORWARD.value
+                                     else 0, score_options=score_options(spec))[:2]
+           for spec in _CONFIGS.value}
   row = dict(seq=seq, batch=q.shape[0], block_k=bk, forward=_FORWARD.value, ms={}, same={},
              errors={})
-  want = selects[_CONFIGS.value[0]](q, k)
-  for spec, fn in list(selects.items()):
+  want = paths[_CONFIGS.value[0]][1](q, k)
+  for spec, (_, select) in list(paths.items()):
     try:
-      row['same'][spec] = attention.same_tables(fn(q, k), want)
+      row['same'][spec] = attention.same_tables(select(q, k), want)
     except Exception as e:   # e.g. a configuration Triton cannot compile: reported
       row['errors'][spec] = f'{type(e).__name__}: {str(e)[-300:]}'
-      del selects[spec]
-  fns = {spec: forward(select, bk) if _FORWARD.value else select
-         for spec, select in selects.items()}
+      del paths[spec]
+  fns = {spec: run if _FORWARD.value else select for spec, (run, select) in paths.items()}
   args = (q, k, v) if _FORWARD.value else (q, k)
   row['ms'] = timing.time_alternating(fns, *args, rounds=_ROUNDS.value,
                                       iters=attention._ITERS.value)

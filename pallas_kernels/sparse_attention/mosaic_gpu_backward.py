@@ -83,11 +83,11 @@ def _dkv_launch_order(q_count, order):
   Under a causal or prefix-LM mask with budgets that grow with the visible
   blocks, a block's expected count falls as its index rises, so this is
   longest_first on average; timed in the whole 65% forward + backward it was
-  8 us faster at 4k and 35 us slower at 16k (block_k 64). sink_first: the sink blocks of every head first,
-  then each head's other blocks in ascending order. heads_slowest: head by
-  head. The batch varies fastest in the last three. At 16k, 65% (H200):
-  longest_first, sink_first and heads_slowest took 1230, 1340 and 1670 us,
-  SMs 98%, 89% and 69% active.
+  8 us faster at 4k and 35 us slower at 16k (block_k 64). sink_first: the
+  sink blocks of every head first, then each head's other blocks in
+  ascending order. heads_slowest: head by head. The batch varies fastest in
+  the last three. At 16k, 65% (H200): longest_first, sink_first and
+  heads_slowest took 1230, 1340 and 1670 us, SMs 98%, 89% and 69% active.
   """
   b, hkv, n_k = q_count.shape
   if order == "longest_first":
