@@ -75,6 +75,14 @@ _CHECK = flags.DEFINE_bool('check', True, 'compare kernels with the reference fi
 _BASELINES = flags.DEFINE_list('baselines', ['cudnn', 'tokamax'], 'dense kernels to time')
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd', 'decode'], 'what to time')
 _BWD_SEQS = flags.DEFINE_list('bwd_seqs', ['4096', '16384'], 'sequence lengths of fwd+bwd')
+_COTANGENTS = flags.DEFINE_list('cotangents', ['constant'], 'how fwd+bwd gets its output '
+                                'cotangent, each timed in turn: constant (jax.grad of '
+                                'sum(out) * 1e-3: XLA broadcasts the constant into a '
+                                'full-size cotangent each call) or random (jax.vjp applied '
+                                'to a fixed random cotangent, as FlashAttention\'s '
+                                'benchmarks and a layer inside a model get it)')
+flags.register_validator('cotangents', lambda c: set(c) <= {'constant', 'random'},
+                         '--cotangents: constant and/or random')
 _BWD_CONFIGS = flags.DEFINE_list('bwd_configs', [], 'more Mosaic backward configs to time at '
                                  '65%: DQxDKV ring stages (the default is 2x2, dq fits up to 5 '
                                  'at block_k 64), then optionally xORDER (the dk/dv launch '
@@ -386,23 +394,35 @@ def bench_seq(seq, prefix, variant, baselines):
   return res
 
 
-def grad_fn(fn):
-  """jitted (q, k, v) -> grads of a fixed projection of fn's output."""
-  def loss(q, k, v):
+def _output(fn):
+  def out(q, k, v):
     out = fn(q, k, v)
-    out = out[0] if isinstance(out, tuple) else out
-    return jnp.sum(out.astype(jnp.float32) * 1e-3)
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return out[0] if isinstance(out, tuple) else out
+  return out
 
 
-def bench_fwdbwd(seq, block_k, baselines):
+def grad_fn(fn, cotangent='constant'):
+  """jitted (q, k, v, d_out) -> (dq, dk, dv) of fn's output. constant: the
+  gradient of sum(out) * 1e-3, d_out unused; random: the vjp of d_out."""
+  if cotangent == 'random':
+    def grads(q, k, v, d_out):
+      return jax.vjp(_output(fn), q, k, v)[1](d_out)
+    return jax.jit(grads)
+
+  def loss(q, k, v):
+    return jnp.sum(_output(fn)(q, k, v).astype(jnp.float32) * 1e-3)
+  return jax.jit(lambda q, k, v, d_out: jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+
+
+def bench_fwdbwd(seq, block_k, baselines, cotangent='constant'):
   """Forward + backward: our Mosaic forward and backward (custom_vjp), against
   the dense kernels' own backward (selection inside, as in the forward)."""
   q, k, v = make_inputs(seq)
-  res = dict(seq=seq, block_k=block_k, ms={})
+  d_out = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
+  res = dict(seq=seq, block_k=block_k, cotangent=cotangent, ms={})
   for name, fn in baselines.items():
     try:
-      res['ms'][name] = time_ms(grad_fn(fn), q, k, v)
+      res['ms'][name] = time_ms(grad_fn(fn, cotangent), q, k, v, d_out)
     except Exception as e:
       print(f'{name} fwd+bwd failed at {seq}: {type(e).__name__}: {str(e)[:300]}')
   runs = [('ours_dense', 0.0, '2x2', 0), ('ours_s65', 0.65, '2x2', 0)]
@@ -413,7 +433,7 @@ def bench_fwdbwd(seq, block_k, baselines):
     try:
       run = sparse_fn(1.0 - sparsity, seq, 0, block_k, 2, impl='mosaic_vjp',
                       backward=bwd_config(spec), persistent_ctas=ctas)[0]
-      res['ms'][name] = time_ms(grad_fn(run), q, k, v)
+      res['ms'][name] = time_ms(grad_fn(run, cotangent), q, k, v, d_out)
     except Exception as e:   # e.g. a ring that overflows shared memory: reported
       res.setdefault('errors', {})[name] = f'{type(e).__name__}: {str(e)[-300:]}'
       print(f'{name} fwd+bwd failed at {seq}: {res["errors"][name]}')
@@ -763,13 +783,15 @@ def markdown(results, fwdbwd, decodes, env):
     lines += forward_markdown(results)
   if fwdbwd:
     cols = sorted({n for r in fwdbwd for n in r['ms']})
-    lines += ['', 'Forward + backward (ms, ratio to the fastest dense kernel):', '',
-              '| seq | block_k | ' + ' | '.join(cols) + ' |',
-              '| --- | --- | ' + ' | '.join('---' for _ in cols) + ' |']
+    lines += ['', 'Forward + backward (ms, ratio to the fastest dense kernel); cotangent: '
+              'see --cotangents:', '',
+              '| seq | block_k | cotangent | ' + ' | '.join(cols) + ' |',
+              '| --- | --- | --- | ' + ' | '.join('---' for _ in cols) + ' |']
     for r in fwdbwd:
-      cells = [f"{r['ms'][c]:.3f} ({r['ms'][c] / r['best_dense_ms']:.2f}x)"
+      cells = [f"{r['ms'][c]:.3f} ({r['ms'][c] / r['best_dense_ms']:.3f}x)"
                if r['ms'].get(c) else '' for c in cols]
-      lines.append(f"| {r['seq']} | {r['block_k']} | " + ' | '.join(cells) + ' |')
+      lines.append(f"| {r['seq']} | {r['block_k']} | {r.get('cotangent', 'constant')} | "
+                   + ' | '.join(cells) + ' |')
   if decodes:   # a row per timing, a column per shape: the configs outnumber shapes
     lines += ['', 'Decode, one new token per sequence: ms (median), ratio to the '
               'fastest dense kernel, TB/s of K/V read (all of the cache; 35% of it '
@@ -817,8 +839,9 @@ def main(_):
         results.append(bench_seq(seq, prefix, variant, baselines))
       save()
   for seq in map(int, _BWD_SEQS.value) if 'fwdbwd' in _MODES.value else ():
-    fwdbwd.append(bench_fwdbwd(seq, variants[0][0], baselines))
-    save()
+    for cotangent in _COTANGENTS.value:
+      fwdbwd.append(bench_fwdbwd(seq, variants[0][0], baselines, cotangent))
+      save()
   for spec in _DECODE.value if 'decode' in _MODES.value else ():
     decodes.append(bench_decode(*map(int, spec.split('x'))))
     save()

@@ -46,8 +46,8 @@ flags.register_validator('ctas', lambda specs: all(s == 'sm' or s.isdigit() for 
                          "--ctas: 'sm' or non-negative integers")
 
 
-def load_bases(paths):
-  """{stem: module} of --base."""
+def load_bases(paths, needs=('Config', 'sparse_attention_fwd'), module='mosaic_gpu.py'):
+  """{stem: module} of --base, each a version of `module` (it has `needs`)."""
   modules = {}
   for path in paths:
     name = os.path.splitext(os.path.basename(path))[0]
@@ -56,9 +56,9 @@ def load_bases(paths):
     spec = importlib.util.spec_from_file_location(name, path)
     modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(modules[name])
-    if not all(hasattr(modules[name], a) for a in ('Config', 'sparse_attention_fwd')):
-      raise SystemExit(f'--base {path!r} has no Config and sparse_attention_fwd: '
-                       'not a version of mosaic_gpu.py')
+    if not all(hasattr(modules[name], a) for a in needs):
+      raise SystemExit(f'--base {path!r} has no {" and ".join(needs)}: '
+                       f'not a version of {module}')
   return modules
 
 

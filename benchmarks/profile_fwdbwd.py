@@ -5,7 +5,8 @@ one end to end (docs/results.md) against a 0.45x target, and the kernel
 timings alone do not say where the rest goes: selection, the transposed
 tables, delta = rowsum(dO * O), the two backward kernels, casts. This runs
 one `jax.grad` step of each path of --fwdbwd_paths (compiled and warmed up outside
-the profiled range), the same step benchmarks/attention.py times:
+the profiled range), the same step benchmarks/attention.py times (with its first
+--cotangents protocol):
 
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   for p in cudnn s65; do
@@ -27,6 +28,7 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
@@ -51,9 +53,13 @@ def main(_):
                                          persistent_ctas=_CTAS.value)[0]
   fns = {'cudnn': lambda: attention.dense_baselines()['cudnn'],
          'dense': lambda: ours(1.0), 's65': lambda: ours(0.35)}
-  step = (lambda fn: fn) if _FWD_ONLY.value else attention.grad_fn
-  profile_decode.run_profiled({name: (step(fns[name]()), (q, k, v))
-                               for name in _PATHS_FB.value})
+  if _FWD_ONLY.value:
+    step, args = (lambda fn: fn), (q, k, v)
+  else:   # attention.py's first --cotangents protocol
+    cotangent = attention._COTANGENTS.value[0]
+    step = lambda fn: attention.grad_fn(fn, cotangent)
+    args = (q, k, v, jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype))
+  profile_decode.run_profiled({name: (step(fns[name]()), args) for name in _PATHS_FB.value})
 
 
 if __name__ == '__main__':

@@ -236,3 +236,31 @@ def check_kv_tables(tables: BlockTables, q, k, block_q: int):
   want = (q.shape[0], k.shape[2], q.shape[1] // block_q)
   if tables.kv_ids.shape[:3] != want:
     raise ValueError(f"{tables.kv_ids.shape=} must start with (B, Hkv, nQ)={want}")
+
+
+class KernelLengths(NamedTuple):
+  """kv_len and prefix_len as a Mosaic kernel takes them. A length left out
+  (None: every key valid / no prefix) is a static int, so no constant array
+  is passed (XLA would spend a broadcast kernel a call building it); the
+  given ones are [B] int32 arrays, passed after the kernel's other inputs."""
+  static: tuple        # (kv_len, prefix_len): an int where left out, else None
+  arrays: tuple        # the given lengths, [B] int32
+
+  def per_row(self):
+    """(kv_len, prefix_len), each an int or a [B, 1, 1, 1] array, for jnp
+    arithmetic over [B, H, n, width] tables."""
+    given = iter(self.arrays)
+    return tuple(c if c is not None else next(given)[:, None, None, None]
+                 for c in self.static)
+
+  def reader(self, refs):
+    """b -> (kv_len, prefix_len) inside a kernel, from the refs of `arrays`."""
+    given = iter(refs)
+    both = [c if c is not None else next(given) for c in self.static]
+    return lambda b: tuple(x if isinstance(x, int) else x[b] for x in both)
+
+
+def kernel_lengths(kv_len, prefix_len, kv_seq: int) -> KernelLengths:
+  static = (kv_seq if kv_len is None else None, 0 if prefix_len is None else None)
+  arrays = tuple(jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len) if x is not None)
+  return KernelLengths(static, arrays)

@@ -32,7 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.sparse_attention import decode
 from pallas_kernels.sparse_attention import mosaic_gpu_backward
 from pallas_kernels.sparse_attention.block_tables import (
-    BlockSizes, BlockTables, check_kv_tables, check_qkv)
+    BlockSizes, BlockTables, check_kv_tables, check_qkv, kernel_lengths)
 
 WG_ROWS = 64          # query rows per compute warpgroup (one wgmma M tile)
 COMPUTE_WGS = 2
@@ -360,13 +360,6 @@ def unsupported(q, k, block_sizes) -> str | None:
   return None
 
 
-def _length_arrays(kv_len, prefix_len, batch, kv_seq):
-  """[B] int32 kv_len and prefix_len, a None filled in: full length, no prefix."""
-  fill = lambda x, value: (jnp.full((batch,), value, jnp.int32) if x is None
-                           else jnp.asarray(x, jnp.int32))
-  return fill(kv_len, kv_seq), fill(prefix_len, 0)
-
-
 def _check(q, k, v, tables, block_sizes):
   check_qkv(q, k, v)
   if reason := unsupported(q, k, block_sizes):
@@ -394,21 +387,16 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
                scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, dtype=dtype,
                interpreted=interpret is not None, batch=b, hq=hq, group=hq // k.shape[2],
                n_q=n_q, width=tables.kv_ids.shape[-1], ctas=ctas)
-  # A length left out is static (every key valid; no prefix): the kernel takes
-  # only the given ones, since a constant array passed to it would cost a
-  # broadcast kernel a call.
-  static = (k.shape[1] if kv_len is None else None, 0 if prefix_len is None else None)
-  lens = [jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len) if x is not None]
+  lens = kernel_lengths(kv_len, prefix_len, k.shape[1])
   # Flat tables: one scalar load per lookup, no multi-dim index arithmetic.
   ids = tables.kv_ids.astype(jnp.int32).reshape(-1)
   counts = tables.kv_count.astype(jnp.int32).reshape(-1)
 
   def body(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
-    given = iter(refs[:len(lens)])
-    out_ref, lse_ref = refs[len(lens):len(lens) + 2]
-    scratch = refs[len(lens) + 2:]
-    len_refs = [c if c is not None else next(given) for c in static]
-    lens_of = lambda bi: tuple(x if isinstance(x, int) else x[bi] for x in len_refs)
+    n_lens = len(lens.arrays)
+    lens_of = lens.reader(refs[:n_lens])
+    out_ref, lse_ref = refs[n_lens:n_lens + 2]
+    scratch = refs[n_lens + 2:]
 
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
@@ -442,7 +430,7 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(q, k, v, ids, counts, *lens)
+  )(q, k, v, ids, counts, *lens.arrays)
   return out, lse
 
 
@@ -526,7 +514,6 @@ def _attention_fwd(q, k, v, tables, kv_len, prefix_len, *static):
 def _attention_bwd(block_sizes, sm_scale, config, interpret, residuals, d_out):
   """The Mosaic dq and dk/dv kernels (mosaic_gpu_backward.py), from the lse."""
   q, k, v, tables, kv_len, prefix_len, out, lse = residuals
-  kv_len, prefix_len = _length_arrays(kv_len, prefix_len, *k.shape[:2])
   dq, dk, dv = mosaic_gpu_backward.backward(
       q, k, v, tables, kv_len, prefix_len, out, lse, d_out, block_sizes=block_sizes,
       sm_scale=sm_scale, config=config.backward, interpret=interpret)

@@ -3,13 +3,16 @@
 Two kernels in the FA3 pattern (JAX's attention_mgpu.py `_attention_bwd`),
 each with two compute warpgroups and a memory warpgroup that streams only the
 listed blocks with TMA into a ring of shared-memory slots. Both recompute
-p = exp(s - lse) from the forward's row logsumexp and take
-delta = rowsum(dO * O) from jnp; neither accumulates across CTAs.
+p = exp2(s - lse) from the forward's row logsumexp; neither accumulates across
+CTAs.
 
   dq:    one CTA per (query head, query tile of 2 x 64 rows, batch), like the
          forward. Each compute warpgroup keeps its 64 rows of q and dO in
-         shared memory and, per listed key block (kv_ids[:kv_count]), computes
-         s = q k^T, dp = dO v^T, ds = p (dp - delta) and dq += ds k.
+         shared memory, first computes their delta = rowsum(dO * O) and lse in
+         log2 units (and stores both for dk/dv, which runs after it) where
+         O's rows fit beside them (block_k 64; else XLA computes both), then,
+         per listed key block (kv_ids[:kv_count]), computes s = q k^T,
+         dp = dO v^T, ds = p (dp - delta) and dq += ds k.
   dk/dv: one CTA per (kv head, key block, batch). The memory warpgroup streams,
          per listed query tile (q_ids[:q_count]) and per query head of the GQA
          group, that head's 128 rows of q, dO, lse and delta. The compute
@@ -37,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sparse_attention.block_tables import (
-    BlockSizes, BlockTables, check_kv_tables, check_qkv, with_q_tables)
+    BlockSizes, BlockTables, check_kv_tables, check_qkv, kernel_lengths, with_q_tables)
 
 WG_ROWS = 64          # rows per compute warpgroup: one wgmma M tile
 COMPUTE_WGS = 2
@@ -50,8 +53,10 @@ COMPUTE_REGS, MEMORY_REGS = 232, 40   # (512 - 40) / 2, rounded down to 8
 class Config:
   """Shared-memory ring slots (>= 2) of each kernel. At head_dim 128 (227 KiB
   of shared memory) dk/dv takes at most 2 (64 KiB a slot); dq 2 at block_k
-  128, 5 at 64. dkv_order: the launch order of the dk/dv CTAs
-  (_dkv_launch_order); longest_first measured best (docs/results.md).
+  128, 5 at 64, and up to 3 at 64 leave room for the O rows that let dq
+  compute delta itself (_dq_has_room_for_o). dkv_order: the launch order of
+  the dk/dv CTAs (_dkv_launch_order); longest_first measured best overall,
+  blocks_ascending at 4k (docs/results.md).
   """
   dq_stages: int = 2
   dkv_stages: int = 2
@@ -91,7 +96,7 @@ def _dkv_launch_order(q_count, order):
   """
   b, hkv, n_k = q_count.shape
   if order == "longest_first":
-    return jnp.argsort(-q_count.reshape(-1), stable=True).astype(jnp.int32)
+    return _longest_first(q_count.reshape(-1))
   tiles = np.arange(b * hkv * n_k, dtype=np.int32).reshape(b, hkv, n_k)   # a constant
   if order == "blocks_ascending":
     return jnp.asarray(tiles.transpose(2, 1, 0).reshape(-1))    # [nK, Hkv, B]
@@ -99,6 +104,28 @@ def _dkv_launch_order(q_count, order):
   if order == "heads_slowest":
     return jnp.asarray(by_head.reshape(-1))
   return jnp.asarray(np.concatenate([by_head[:, :1].reshape(-1), by_head[:, 1:].reshape(-1)]))
+
+
+RANK_MAX_TILES = 4096
+
+
+def _longest_first(counts):
+  """jnp.argsort(-counts, stable=True) for a flat [N] int32, up to
+  RANK_MAX_TILES entries without a sort: XLA:GPU sorted the 1024 tiles of the
+  benchmarks in one CTA (9 us, plus a 2 us negation kernel), while each
+  tile's place, the number of tiles ahead of it (longer, or as long and
+  earlier), and the inverse permutation are two fused [N, N] compare-and-sum
+  reductions (~3 us each). In the whole 65% fwd + bwd, alternating with the
+  sort: 0.3% / 1.2% / 0.2% faster at 4k / 8k / 16k (H200, docs/results.md)."""
+  n = counts.shape[0]
+  if n > RANK_MAX_TILES:   # N^2 work: the sort wins again
+    return jnp.argsort(-counts, stable=True).astype(jnp.int32)
+  i = jnp.arange(n, dtype=jnp.int32)
+  mine, theirs = counts[:, None], counts[None, :]
+  ahead = (theirs > mine) | ((theirs == mine) & (i[None, :] < i[:, None]))
+  place = jnp.sum(ahead, axis=1, dtype=jnp.int32)
+  return jnp.sum(jnp.where(place[None, :] == i[:, None], i[None, :], 0), axis=1,
+                 dtype=jnp.int32)
 
 
 def _fully_visible(q_tile, k_block, kv_len, prefix_len, block_k):
@@ -130,6 +157,7 @@ class _Static:
   sm_scale: float
   dtype: jnp.dtype
   interpret: plgpu.InterpretGPUParams | None
+  row_stats: bool = False   # dq computes lse2 and delta (_row_stats)
 
   @property
   def interpreted(self) -> bool:
@@ -215,23 +243,70 @@ def _copy_in(pairs, bars, idx):
 
 # ---------------------------------------------------------------- dq ---
 
+def _log2_lse(lse):
+  """The natural-log lse in log2 units, for exp2. Rows without a visible key
+  (lse -inf) get 0: every p of theirs is masked, so any finite value does."""
+  return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
+
+
+def _row_stats(do_smem, o_smem, lse_smem, delta_smem):
+  """(lse2, delta = rowsum(dO * O)) of 64 rows from their dO, O and natural
+  lse in shared memory: in registers, and written over lse_smem and into
+  delta_smem for the caller's TMA stores."""
+  lse = _log2_lse(plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1)))
+  delta = jnp.sum(do_smem[...].astype(jnp.float32) * o_smem[...].astype(jnp.float32),
+                  axis=1)
+  lse_smem[...] = lse
+  delta_smem[...] = delta
+  plgpu.commit_smem()
+  return lse, delta
+
+
+SMEM_BYTES = 227 * 1024   # shared memory a CTA may take on an H100 / H200
+
+
+def _dq_has_room_for_o(st: _Static, d):
+  """Whether the dq kernel's shared memory holds O's rows for _row_stats
+  beside q's, dO's, the K/V ring and the row vectors, with 4 KiB to spare
+  for barriers, alignment and Mosaic's own (~3 KiB measured). True at block_k
+  64 with 2 or 3 ring slots; at block_k 128 the ring leaves 1 KiB too little,
+  and XLA computes lse2 and delta (two kernels, ~22 us at 4k, docs/results.md)."""
+  item = jnp.dtype(st.dtype).itemsize
+  rows = 3 * COMPUTE_WGS * WG_ROWS * d * item
+  ring = 2 * st.stages * st.block_k * d * item
+  vecs = 2 * COMPUTE_WGS * WG_ROWS * 4
+  return rows + ring + vecs + 4096 <= SMEM_BYTES
+
+
 def _dq_compute_wg(refs, smem, bars, *, qt, n, n_full, row, st: _Static):
-  """One compute warpgroup: dq of 64 query rows over the listed key blocks."""
-  q_ref, do_ref, lse_ref, delta_ref, dq_ref, ids_ref, kv_len_ref, prefix_ref = refs
-  q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
+  """One compute warpgroup: dq of 64 query rows over the listed key blocks.
+
+  st.row_stats: refs' rows are (O, natural lse) and stats (lse2, delta) the
+  outputs it computes them into; else rows are (lse2, delta), stats ()."""
+  q_ref, do_ref, row_refs, dq_ref, stats_refs, ids_ref, lens_of = refs
+  q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, *o_smem2 = smem
   row_bars, (k_bar, v_bar), (k_done, v_done) = bars
   b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
   plgpu.set_max_registers(COMPUTE_REGS, action="increase")
   q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
   q_base = qt * TILE_Q + wg * WG_ROWS
   rows, vec = (b, pl.ds(q_base, WG_ROWS), h), (b, h, pl.ds(q_base, WG_ROWS))
-  _copy_in(((q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
-            (lse_ref.at[vec], lse_smem2.at[wg]), (delta_ref.at[vec], delta_smem2.at[wg])),
-           row_bars, wg)
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  lse = plgpu.load(lse_smem2.at[wg], layout=row_layout)
-  delta = plgpu.load(delta_smem2.at[wg], layout=row_layout)
-  kv_len, prefix = kv_len_ref[b], prefix_ref[b]
+  pairs = [(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem)]
+  if st.row_stats:
+    o_ref, lse_ref = row_refs
+    pairs += [(o_ref.at[rows], o_smem2[0].at[wg]), (lse_ref.at[vec], lse_smem2.at[wg])]
+  else:
+    pairs += [(x.at[vec], y.at[wg]) for x, y in zip(row_refs, (lse_smem2, delta_smem2))]
+  _copy_in(pairs, row_bars, wg)
+  if st.row_stats:
+    lse, delta = _row_stats(do_smem, o_smem2[0].at[wg], lse_smem2.at[wg],
+                            delta_smem2.at[wg])
+    for src, dst in zip((lse_smem2, delta_smem2), stats_refs):
+      plgpu.copy_smem_to_gmem(src.at[wg], dst.at[vec])
+  else:
+    lse, delta = (plgpu.load(x.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                  for x in (lse_smem2, delta_smem2))
+  kv_len, prefix = lens_of(b)
   shape = (WG_ROWS, st.block_k)
 
   def step(j, dq, masked):
@@ -256,12 +331,12 @@ def _dq_compute_wg(refs, smem, bars, *, qt, n, n_full, row, st: _Static):
   q_smem[...] = (dq * st.sm_scale).astype(st.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
-  plgpu.wait_smem_to_gmem(0)
+  plgpu.wait_smem_to_gmem(0)   # also any lse2 and delta stores
 
 
 def _dq_memory_wg(k_ref, v_ref, ids_ref, smem, bars, *, n, row, st: _Static):
   """Streams the listed K and V blocks of this tile's kv head."""
-  *_, k_smem, v_smem = smem
+  k_smem, v_smem = smem[4:6]
   _, (k_bar, v_bar), consumed = bars
   b, kv_head = lax.axis_index("batch"), lax.div(lax.axis_index("heads"), st.group)
 
@@ -272,18 +347,25 @@ def _dq_memory_wg(k_ref, v_ref, ids_ref, smem, bars, *, n, row, st: _Static):
   _stream(n, lambda j: ids_ref[row + j], fetch, consumed, st.stages)
 
 
-def _dq(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
+def _dq(q, k, v, d_out, row_inputs, tables, lens, st: _Static):
+  """st.row_stats: row_inputs (out, natural lse) -> (dq, lse2, delta), the
+  last two [B, Hq, T] f32 for _dkv. Else row_inputs (lse2, delta) -> (dq,)."""
   b, t, hq, d = q.shape
   hkv, n_q = k.shape[2], t // TILE_Q
   q_tile = jnp.arange(n_q, dtype=jnp.int32)[None, None, :, None]
-  kv_len, prefix = (x[:, None, None, None] for x in lens)
+  kv_len, prefix = lens.per_row()
   listed = jnp.arange(st.width) < tables.kv_count[..., None]
   full = listed & _fully_visible(q_tile, tables.kv_ids, kv_len, prefix, st.block_k)
   ids, counts = _flat_tables(tables.kv_ids, tables.kv_count,
                              jnp.sum(full, -1, dtype=jnp.int32))
 
-  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref,
-           kv_len_ref, prefix_ref, dq_ref, smem, bars):
+  n_lens = len(lens.arrays)
+  n_stats = 2 if st.row_stats else 0
+
+  def body(q_ref, k_ref, v_ref, do_ref, row_a, row_b, ids_ref, counts_ref, *refs):
+    lens_of = lens.reader(refs[:n_lens])
+    dq_ref, *stats_refs = refs[n_lens:n_lens + 1 + n_stats]
+    smem, bars = refs[n_lens + 1 + n_stats:]
     bi, h = lax.axis_index("batch"), lax.axis_index("heads")
     qt = n_q - 1 - lax.axis_index("q_seq")   # longest (causal) tiles first
     tile = (bi * hkv + lax.div(h, st.group)) * n_q + qt
@@ -291,8 +373,8 @@ def _dq(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
 
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
-      _dq_compute_wg((q_ref, do_ref, lse_ref, delta_ref, dq_ref, ids_ref, kv_len_ref,
-                      prefix_ref), smem, bars, qt=qt, n=n, n_full=n_full,
+      _dq_compute_wg((q_ref, do_ref, (row_a, row_b), dq_ref, stats_refs, ids_ref, lens_of),
+                     smem, bars, qt=qt, n=n, n_full=n_full,
                      row=tile * st.width, st=st)
 
     @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
@@ -305,10 +387,12 @@ def _dq(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
   ring = plgpu.SMEM((st.stages, st.block_k, d), st.dtype, transforms=tiled)
   slots = plgpu.Barrier(num_barriers=st.stages)
   released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st.stages)
+  row_f32 = jax.ShapeDtypeStruct((b, hq, t), jnp.float32)
+  o_rows = (rows,) if st.row_stats else ()
   return plgpu.kernel(
       body,
-      out_type=jax.ShapeDtypeStruct(q.shape, st.dtype),
-      scratch_types=((rows, rows, vecs, vecs, ring, ring),
+      out_type=(jax.ShapeDtypeStruct(q.shape, st.dtype),) + (row_f32,) * n_stats,
+      scratch_types=((rows, rows, vecs, vecs, ring, ring, *o_rows),
                      ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4, (slots, slots),
                       (released, released))),
       grid=(hq, n_q, b),
@@ -317,7 +401,7 @@ def _dq(q, k, v, d_out, lse2, delta, tables, lens, st: _Static):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=st.interpret,
-  )(q, k, v, d_out, lse2, delta, ids, counts, *lens)
+  )(q, k, v, d_out, *row_inputs, ids, counts, *lens.arrays)
 
 
 # ------------------------------------------------------------- dk/dv ---
@@ -387,7 +471,7 @@ def _sum_partials(parts, red_smem, sync, wg):
 
 def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, n_masked, row, st: _Static):
   """One compute warpgroup: dk, dv of 64 keys over the streamed query tiles."""
-  k_ref, v_ref, dk_ref, dv_ref, ids_ref, kv_len_ref, prefix_ref = refs
+  k_ref, v_ref, dk_ref, dv_ref, ids_ref, lens_of = refs
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *red = smem
   (k_bar, v_bar), ring_bars, done, sync = bars
   wg = lax.axis_index("wg")
@@ -407,7 +491,7 @@ def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, n_masked, row, st: _
     plgpu.copy_gmem_to_smem(v_ref.at[keys], kv_smem[1], v_bar.at[kh])
   plgpu.barrier_wait(k_bar.at[kh])
   plgpu.barrier_wait(v_bar.at[kh])
-  kv_len, prefix = kv_len_ref[b], prefix_ref[b]
+  kv_len, prefix = lens_of(b)
 
   def step(j, carry, masked):
     slot = lax.rem(j, st.stages)
@@ -462,15 +546,19 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
   s, hkv = k.shape[1], k.shape[2]
   n_k = s // st.block_k
   k_block = jnp.arange(n_k, dtype=jnp.int32)[None, None, :, None]
-  kv_len, prefix = (x[:, None, None, None] for x in lens)
+  kv_len, prefix = lens.per_row()
   listed = jnp.arange(st.width) < tables.q_count[..., None]
   masked = listed & ~_fully_visible(tables.q_ids, k_block, kv_len, prefix, st.block_k)
   ids, counts = _flat_tables(tables.q_ids, tables.q_count,
                              jnp.sum(masked, -1, dtype=jnp.int32))
   launch = _dkv_launch_order(tables.q_count, order)
 
+  n_lens = len(lens.arrays)
+
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref,
-           launch_ref, kv_len_ref, prefix_ref, dk_ref, dv_ref, smem, bars):
+           launch_ref, *refs):
+    lens_of = lens.reader(refs[:n_lens])
+    dk_ref, dv_ref, smem, bars = refs[n_lens:]
     # One flat launch axis (CUDA's x, the only one past 65535), read through
     # the launch order.
     tile = launch_ref[lax.axis_index("ctas")]
@@ -480,7 +568,7 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
 
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
-      _dkv_compute_wg((k_ref, v_ref, dk_ref, dv_ref, ids_ref, kv_len_ref, prefix_ref),
+      _dkv_compute_wg((k_ref, v_ref, dk_ref, dv_ref, ids_ref, lens_of),
                       smem, bars, b=bi, h=h, kb=kb, n_steps=n_steps, n_masked=n_masked,
                       row=tile * st.width, st=st)
 
@@ -512,7 +600,7 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=st.interpret,
-  )(q, k, v, d_out, lse2, delta, ids, counts, launch, *lens)
+  )(q, k, v, d_out, lse2, delta, ids, counts, launch, *lens.arrays)
 
 
 # ------------------------------------------------------------ public ---
@@ -554,7 +642,8 @@ def backward(q, k, v, tables: BlockTables, kv_len, prefix_len, out, lse, d_out, 
 
   q, out, d_out [B, T, Hq, D]; k, v [B, S, Hkv, D]; lse [B, Hq, T] f32, the
   natural-log row logsumexp of the scaled logits (-inf on rows with no
-  visible key: they contribute nothing). Semantics of reference.py and of
+  visible key: they contribute nothing). kv_len / prefix_len: [B] int32, or
+  None for static full lengths / no prefix. Semantics of reference.py and of
   triton_backward.backward. Tables without q_ids get them here.
   interpret: None or False (compile for the GPU), True or a
   plgpu.InterpretGPUParams (the GPU interpreter, on the CPU).
@@ -564,15 +653,19 @@ def backward(q, k, v, tables: BlockTables, kv_len, prefix_len, out, lse, d_out, 
   d, hkv, bk = q.shape[-1], k.shape[2], block_sizes.block_k
   tables = with_q_tables(tables, k.shape[1] // bk)
   sm_scale = d ** -0.5 if sm_scale is None else sm_scale
-  lens = (jnp.asarray(kv_len, jnp.int32), jnp.asarray(prefix_len, jnp.int32))
-  # Every p of a row without visible keys is masked: any finite lse does.
-  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0).astype(jnp.float32)
-  delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  d_out = d_out.astype(q.dtype)
+  lens = kernel_lengths(kv_len, prefix_len, k.shape[1])
+  lse = lse.astype(jnp.float32)
   st = _Static(block_k=bk, group=q.shape[2] // hkv, width=tables.kv_ids.shape[-1],
                stages=config.dq_stages, scale=sm_scale * LOG2E, sm_scale=sm_scale,
                dtype=q.dtype, interpret=interpret)
-  dq = _dq(q, k, v, d_out, lse2, delta, tables, lens, st)
+  st = dataclasses.replace(st, row_stats=_dq_has_room_for_o(st, d))
+  do = d_out.astype(q.dtype)
+  if st.row_stats:
+    dq, lse2, delta = _dq(q, k, v, do, (out.astype(q.dtype), lse), tables, lens, st)
+  else:
+    lse2 = _log2_lse(lse)
+    delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    dq, = _dq(q, k, v, do, (lse2, delta), tables, lens, st)
   st = dataclasses.replace(st, width=tables.q_ids.shape[-1], stages=config.dkv_stages)
-  dk, dv = _dkv(q, k, v, d_out, lse2, delta, tables, lens, st, config.dkv_order)
+  dk, dv = _dkv(q, k, v, do, lse2, delta, tables, lens, st, config.dkv_order)
   return dq, dk, dv

@@ -73,6 +73,7 @@ def _kv_only(attend):
 
 
 _MOSAIC = functools.partial(mosaic_gpu.sparse_attention, block_sizes=SIZES)
+_MOSAIC_128 = functools.partial(mosaic_gpu.sparse_attention, block_sizes=BlockSizes(128, 128))
 _TRITON = functools.partial(triton.sparse_attention, block_sizes=SIZES)
 CASES = {
     'mosaic_forward': (_kv_only(lambda *a: mosaic_gpu.sparse_attention_fwd(
@@ -81,6 +82,10 @@ CASES = {
         *a, block_sizes=SIZES, config=mosaic_gpu.Config(persistent_ctas=5))[0]),
         QKV + TABLES + LENS, 'mosaic'),
     'mosaic_backward': (_grad(_with_full_tables(_MOSAIC)), QKV + TABLES + LENS, 'mosaic'),
+    # block_k 128: no room for O in dq's shared memory, XLA computes delta.
+    'mosaic_backward_bk128': (_grad(lambda q, k, v, ids, count, *lens: _MOSAIC_128(
+        q, k, v, bt.build_block_tables(bt.block_mask_from_tables(ids, count, T // 128)),
+        *lens)), QKV + (_aval((B, HKV, N_Q, T // 128), I32), TABLES[1]) + LENS, 'mosaic'),
     'mosaic_decode': (lambda q, k, v, ids, count, *lens: mosaic_gpu.sparse_decode(
         q, k, v, ids, count, *lens, block_k=64),
         CACHE + (_aval((B, HKV, N_K), I32), _aval((B, HKV), I32)) + DECODE_LENS, 'mosaic'),

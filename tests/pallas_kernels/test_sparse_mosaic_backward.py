@@ -79,10 +79,10 @@ def _grads(x, tables=None, out=None, lse=None, interpret=True,
            config=mosaic_gpu_backward.Config()):
   """(ours, reference's) (dq, dk, dv) for a random output cotangent."""
   f32 = lambda a: a.astype(jnp.float32)
-  ref_out, vjp = jax.vjp(lambda q, k, v: reference(x, q, k, v), f32(x.q), f32(x.k), f32(x.v))
-  d_out = jax.random.normal(jax.random.PRNGKey(3), x.q.shape).astype(x.q.dtype)
-  out = ref_out.astype(x.q.dtype) if out is None else out
-  lse = _lse(x) if lse is None else lse
+  _, vjp = jax.vjp(lambda q, k, v: reference(x, q, k, v), f32(x.q), f32(x.k), f32(x.v))
+  ref_out, ref_lse, d_out = _grads_inputs(x)
+  out = ref_out if out is None else out
+  lse = ref_lse if lse is None else lse
   got = mosaic_gpu_backward.backward(
       x.q, x.k, x.v, x.tables if tables is None else tables, x.kv_len, x.prefix_len,
       out, lse, d_out, block_sizes=x.block_sizes, config=config, interpret=interpret)
@@ -107,6 +107,39 @@ def test_grads_match_reference(name):
   seen = seen.reshape(seen.shape[0], hkv, -1, seen.shape[-1]).any(2)
   unseen = ~np.swapaxes(seen, 1, 2)                          # [B, S, Hkv]
   assert not np.any(dk[unseen]) and not np.any(dv[unseen]), 'dk/dv of unseen keys'
+
+
+def test_left_out_lengths_are_full_lengths_and_no_prefix():
+  """kv_len / prefix_len None (static, no array passed to the kernels) give
+  the gradients of all-full kv_len and all-zero prefix_len, bit for bit."""
+  case = Case('c', 'all', (4, 2), (1.0, 1.0), (0.0, 0.0), seed=4)
+  x = make_inputs(case, jnp.bfloat16, 64, BlockSizes(128, 64), 2, batch=2)
+  full, want = _grads(x)
+  static = jax.block_until_ready(mosaic_gpu_backward.backward(
+      x.q, x.k, x.v, x.tables, None, None, *_grads_inputs(x), block_sizes=x.block_sizes,
+      interpret=True))
+  for n, a, b, r in zip('qkv', full, static, want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), n)
+    assert_close(b, r, TOL, f'd{n}')
+
+
+def _grads_inputs(x):
+  """(out, lse, d_out) as _grads builds them."""
+  out = reference(x).astype(x.q.dtype)
+  d_out = jax.random.normal(jax.random.PRNGKey(3), x.q.shape).astype(x.q.dtype)
+  return out, _lse(x), d_out
+
+
+@pytest.mark.parametrize('block_k, stages, room', [(64, 2, True), (64, 3, True),
+                                                   (64, 4, False), (128, 2, False)])
+def test_dq_computes_delta_where_o_fits(block_k, stages, room):
+  """At head dim 128 the dq kernel takes O's rows into shared memory (and
+  computes lse2 and delta) only beside a ring this small; test_lowering.py
+  lowers both kinds within the GPU's shared memory."""
+  st = mosaic_gpu_backward._Static(block_k=block_k, group=4, width=8, stages=stages,
+                                   scale=1.0, sm_scale=1.0, dtype=jnp.bfloat16,
+                                   interpret=None)
+  assert mosaic_gpu_backward._dq_has_room_for_o(st, 128) == room
 
 
 def test_configs_refuse_rings_of_one_slot():
@@ -214,10 +247,18 @@ def test_dkv_launch_orders_visit_every_tile_once(order, b, hkv, n_k):
   kb, counts = launch % n_k, np.asarray(q_count).reshape(-1)[launch]
   if order == 'sink_first':   # the first key block of every head and row first
     assert (kb[:b * hkv] == 0).all()
-  if order == 'longest_first':
+  if order.startswith('longest_first'):
     assert (np.diff(counts) <= 0).all()
   if order == 'blocks_ascending':   # key block by key block, heads and rows within
     assert (np.diff(kb) >= 0).all()
+
+
+@pytest.mark.parametrize('n', [1, 5, 1024, mosaic_gpu_backward.RANK_MAX_TILES + 3])
+def test_longest_first_is_a_stable_descending_argsort(n):
+  """Ties (many at 9 values) keep their index order, with or without the sort."""
+  counts = jax.random.randint(jax.random.PRNGKey(n), (n,), 0, 9)
+  np.testing.assert_array_equal(mosaic_gpu_backward._longest_first(counts),
+                                np.argsort(-np.asarray(counts), kind='stable'))
 
 
 def test_dkv_launch_order_changes_no_gradient():
