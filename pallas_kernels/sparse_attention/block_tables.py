@@ -261,6 +261,7 @@ class KernelLengths(NamedTuple):
 
 
 def kernel_lengths(kv_len, prefix_len, kv_seq: int) -> KernelLengths:
+  """KernelLengths of [B] kv_len / prefix_len, each possibly None."""
   static = (kv_seq if kv_len is None else None, 0 if prefix_len is None else None)
   arrays = tuple(jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len) if x is not None)
   return KernelLengths(static, arrays)

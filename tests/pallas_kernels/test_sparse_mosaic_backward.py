@@ -233,9 +233,10 @@ def _assert_same_grads(x, base_config, config):
 def test_deeper_dq_ring_computes_the_same_grads():
   """More dq ring slots (the knob benchmarks/attention.py --bwd_configs sweeps) only
   change when blocks arrive, not the order they are summed in: identical grads,
-  also where a tile lists fewer blocks than there are slots."""
+  also where a tile lists fewer blocks than there are slots (2 and 4 blocks, 3
+  slots; at 3 the kernel still computes delta itself, at 4 or more XLA does)."""
   _assert_same_grads(_inputs(CASES['causal_all_blocks_gqa4_bk64']),
-                     mosaic_gpu_backward.Config(), mosaic_gpu_backward.Config(dq_stages=5))
+                     mosaic_gpu_backward.Config(), mosaic_gpu_backward.Config(dq_stages=3))
 
 
 @pytest.mark.parametrize('b,hkv,n_k', [(1, 4, 256), (2, 2, 3), (3, 3, 1), (2, 1, 5)])
@@ -247,7 +248,7 @@ def test_dkv_launch_orders_visit_every_tile_once(order, b, hkv, n_k):
   kb, counts = launch % n_k, np.asarray(q_count).reshape(-1)[launch]
   if order == 'sink_first':   # the first key block of every head and row first
     assert (kb[:b * hkv] == 0).all()
-  if order.startswith('longest_first'):
+  if order == 'longest_first':
     assert (np.diff(counts) <= 0).all()
   if order == 'blocks_ascending':   # key block by key block, heads and rows within
     assert (np.diff(kb) >= 0).all()
