@@ -401,6 +401,12 @@ def _output(fn):
   return out
 
 
+def random_cotangent(q):
+  """The fixed random output cotangent of --cotangents random (and of the
+  tools that time a step the same way)."""
+  return jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
+
+
 def grad_fn(fn, cotangent='constant'):
   """jitted (q, k, v, d_out) -> (dq, dk, dv) of fn's output. constant: the
   gradient of sum(out) * 1e-3, d_out unused; random: the vjp of d_out."""
@@ -418,7 +424,7 @@ def bench_fwdbwd(seq, block_k, baselines, cotangent='constant'):
   """Forward + backward: our Mosaic forward and backward (custom_vjp), against
   the dense kernels' own backward (selection inside, as in the forward)."""
   q, k, v = make_inputs(seq)
-  d_out = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
+  d_out = random_cotangent(q)
   res = dict(seq=seq, block_k=block_k, cotangent=cotangent, ms={})
   for name, fn in baselines.items():
     try:

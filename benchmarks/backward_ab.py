@@ -83,15 +83,9 @@ def attention_with(backward, config, lengths='static'):
   return attend
 
 
-def step(attend, select):
-  """jitted (q, k, v, d_out) -> (dq, dk, dv), selection inside."""
-  return jax.jit(lambda q, k, v, d_out: jax.vjp(
-      lambda q, k, v: attend(q, k, v, select(q, k)), q, k, v)[1](d_out))
-
-
 def bench(seq, bases):
   q, k, v = attention.make_inputs(seq)
-  d_out = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
+  d_out = attention.random_cotangent(q)
   select = attention.sparse_fn(1.0 - kernel_ab._SPARSITY.value, seq, 0,
                                kernel_ab._BLOCK_K.value, 2)[1]
   versions = {'new': attention_with(mosaic_gpu_backward.backward, mosaic_gpu_backward.Config())}
@@ -100,7 +94,9 @@ def bench(seq, bases):
         mosaic_gpu_backward.backward, mosaic_gpu_backward.Config(dkv_order=order))
   for name, module in bases.items():
     versions[name] = attention_with(module.backward, module.Config(), _BASE_LENGTHS.value)
-  fns = {name: step(attend, select) for name, attend in versions.items()}
+  # jitted (q, k, v, d_out) -> (dq, dk, dv), selection inside.
+  fns = {name: attention.grad_fn(lambda q, k, v, a=attend: a(q, k, v, select(q, k)), 'random')
+         for name, attend in versions.items()}
   if not _interpret():
     fns['cudnn'] = attention.grad_fn(attention.dense_baselines()['cudnn'], 'random')
   want = [np.asarray(g, np.float32) for g in fns['new'](q, k, v, d_out)]

@@ -28,7 +28,6 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
@@ -58,7 +57,7 @@ def main(_):
   else:   # attention.py's first --cotangents protocol
     cotangent = attention._COTANGENTS.value[0]
     step = lambda fn: attention.grad_fn(fn, cotangent)
-    args = (q, k, v, jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype))
+    args = (q, k, v, attention.random_cotangent(q))
   profile_decode.run_profiled({name: (step(fns[name]()), args) for name in _PATHS_FB.value})
 
 
