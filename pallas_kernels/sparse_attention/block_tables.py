@@ -4,12 +4,14 @@ A block mask `[B, H, nQ, nK]` says which (query block, key block) tiles are
 computed. H counts *kv* heads: the query heads of a GQA group share one
 selection, so they read the same K/V tiles. Kernels do not want the dense mask;
 they want, per query block, the short list of key blocks to visit (forward,
-dq), and per key block the list of query blocks (a future dk/dv pass). This
+dq), and per key block the list of query blocks (the dk/dv pass). This
 module builds those lists with a stable sort and gathers (no Python loops
-over data), so it runs under jit.
+over data), so it runs under jit; and holds what the Mosaic kernels share
+about them (kernel_lengths, whole_below, split_loop).
 """
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -246,13 +248,6 @@ class KernelLengths(NamedTuple):
   static: tuple        # (kv_len, prefix_len): an int where left out, else None
   arrays: tuple        # the given lengths, [B] int32
 
-  def per_row(self):
-    """(kv_len, prefix_len), each an int or a [B, 1, 1, 1] array, for jnp
-    arithmetic over [B, H, n, width] tables."""
-    given = iter(self.arrays)
-    return tuple(c if c is not None else next(given)[:, None, None, None]
-                 for c in self.static)
-
   def reader(self, refs):
     """b -> (kv_len, prefix_len) inside a kernel, from the refs of `arrays`."""
     given = iter(refs)
@@ -265,3 +260,32 @@ def kernel_lengths(kv_len, prefix_len, kv_seq: int) -> KernelLengths:
   static = (kv_seq if kv_len is None else None, 0 if prefix_len is None else None)
   arrays = tuple(jnp.asarray(x, jnp.int32) for x in (kv_len, prefix_len) if x is not None)
   return KernelLengths(static, arrays)
+
+
+def whole_below(first_row, kv_len, prefix_len):
+  """The key below which every query row from first_row on sees every key:
+  keys below kv_len, and in the prefix or at most the row. A tile whose keys
+  end at or below it needs no element mask. It rises with first_row, so in an
+  ascending kv list the mask-free blocks come first, in an ascending q list
+  the masked tiles."""
+  return jnp.minimum(kv_len, jnp.maximum(prefix_len, first_row + 1))
+
+
+def split_loop(step, carry, n, id_at, in_first_run, first_masked):
+  """step(j, carry, masked) for j in [0, n) over an ascending table, in a
+  Mosaic kernel: masked=first_masked while in_first_run(id_at(j)), then the
+  other kind for the rest (whole_below says why the kinds form two runs).
+  The kernel finds the split itself, so no count of either run is built
+  before it; id_at(j + 1) loads during step j and is tested after it.
+  id_at must accept j = n (a clamped read)."""
+  def first_run(state):
+    j, _, carry = state
+    next_id = id_at(j + 1)
+    return j + 1, next_id, step(j, carry, masked=first_masked)
+
+  def still_first(state):
+    j, block, _ = state
+    return (j < n) & in_first_run(block)
+
+  j, _, carry = jax.lax.while_loop(still_first, first_run, (jnp.int32(0), id_at(0), carry))
+  return jax.lax.fori_loop(j, n, functools.partial(step, masked=not first_masked), carry)

@@ -32,7 +32,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.sparse_attention import decode
 from pallas_kernels.sparse_attention import mosaic_gpu_backward
 from pallas_kernels.sparse_attention.block_tables import (
-    BlockSizes, BlockTables, check_kv_tables, check_qkv, kernel_lengths)
+    BlockSizes, BlockTables, check_kv_tables, check_qkv, kernel_lengths, split_loop,
+    whole_below)
 
 WG_ROWS = 64          # query rows per compute warpgroup (one wgmma M tile)
 COMPUTE_WGS = 2
@@ -123,13 +124,12 @@ def _attend(qo_smem, ring, ids_ref, *, q_base, n, row, pos, lens, on_start, st: 
   in (the previous tile's release, overlapped with that wait). Returns
   (acc, m_i, l_i).
 
-  Blocks every row here sees whole (keys below `limit`) skip the mask
-  arithmetic. In an ascending list they come first: both bounds of `limit`
-  rise with the key, so the unmasked loop runs while the next id is below it.
+  Blocks every row here sees whole skip the mask arithmetic; in an ascending
+  list they come first (block_tables.whole_below, split_loop).
   """
   k_smem, v_smem, (k_bar, v_bar), (k_done, v_done), sched = ring
+  limit = whole_below(q_base, *lens)
   kv_len, prefix = lens
-  limit = jnp.minimum(kv_len, jnp.maximum(prefix, q_base + 1))
   id_at = lambda j: ids_ref[row + jnp.minimum(j, st.width - 1)]
   wg = lax.axis_index("wg")
   slot_of = lambda j: lax.rem(pos + j, st.num_stages)
@@ -205,17 +205,8 @@ def _attend(qo_smem, ring, ids_ref, *, q_base, n, row, pos, lens, on_start, st: 
     plgpu.barrier_arrive(v_done.at[slot])
     return acc, m_new, l_i
 
-  def unmasked(carry):
-    j, _, *state = carry
-    next_kb = id_at(j + 1)     # loads during the step, tested after it
-    return j + 1, next_kb, *step(j, tuple(state), masked=False)
-
-  def next_unmasked(carry):
-    j, kb = carry[:2]
-    return (j < n) & ((kb + 1) * st.block_k <= limit)
-
-  j, _, *carry = lax.while_loop(next_unmasked, unmasked, (jnp.int32(0), id_at(0), acc, m_i, l_i))
-  carry = lax.fori_loop(j, n, functools.partial(step, masked=True), tuple(carry))
+  carry = split_loop(step, (acc, m_i, l_i), n, id_at,
+                     lambda kb: (kb + 1) * st.block_k <= limit, first_masked=False)
   pl.when(wg == 0)(schedule)
   return carry
 
@@ -246,7 +237,7 @@ def _compute_wg(refs, scratch, st: _Static):
   q_smem, lse_smem2, ring, (q_bar, q_free) = scratch
   wg, cta = lax.axis_index("wg"), lax.axis_index("ctas")
   count = _tile_count(cta, st)
-  plgpu.set_max_registers(232, action="increase")
+  plgpu.set_max_registers(mosaic_gpu_backward.COMPUTE_REGS, action="increase")
 
   def release(i):
     """Once its output stores have read them, tile i's q buffer may take a
@@ -281,7 +272,7 @@ def _memory_wg(refs, scratch, st: _Static):
   """The TMA warpgroup: each tile's q, and its listed K/V blocks into the ring."""
   q_ref, k_ref, v_ref, ids_ref, counts_ref = refs
   q_smem, _, (k_smem, v_smem, (k_bar, v_bar), (k_done, v_done), _), (q_bar, q_free) = scratch
-  plgpu.set_max_registers(40, action="decrease")
+  plgpu.set_max_registers(mosaic_gpu_backward.MEMORY_REGS, action="decrease")
   cta = lax.axis_index("ctas")
   count = _tile_count(cta, st)
 

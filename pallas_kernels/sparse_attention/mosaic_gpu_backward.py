@@ -24,8 +24,11 @@ CTAs.
          dk, dv to warpgroup 0 through shared memory at the end.
 
 Tiles the element mask leaves fully visible (every key < kv_len and in the
-prefix or <= the tile's first query) skip the mask arithmetic: they are a
-prefix of each ascending kv list and a suffix of each ascending q list.
+prefix or <= the warpgroup's first query) skip the mask arithmetic: they are
+a prefix of each ascending kv list and a suffix of each ascending q list, and
+each warpgroup finds where its run ends as it goes (block_tables.split_loop).
+Tables that come without the transposed q lists (the selection's) get them
+from select_triton.q_tables, one kernel.
 """
 
 import dataclasses
@@ -39,15 +42,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.sparse_attention import select_triton
 from pallas_kernels.sparse_attention.block_tables import (
-    BlockSizes, BlockTables, check_kv_tables, check_qkv, kernel_lengths, top_k_rank,
-    with_q_tables)
+    BlockSizes, BlockTables, check_kv_tables, check_qkv, kernel_lengths, split_loop,
+    top_k_rank, whole_below)
 
 WG_ROWS = 64          # rows per compute warpgroup: one wgmma M tile
 COMPUTE_WGS = 2
 TILE_Q = WG_ROWS * COMPUTE_WGS   # the tables' block_q, as in the forward
 LOG2E = math.log2(math.e)
-COMPUTE_REGS, MEMORY_REGS = 232, 40   # (512 - 40) / 2, rounded down to 8
+# Registers a thread of each compute and of the memory warpgroup, here and in
+# the forward: FA3's split for two consumer warpgroups (240 + 240 + 24 of the
+# 512 an SM has per thread slot of a warpgroup). Against 232 / 40, on an H200
+# (docs/results.md): the dk/dv kernel spills half as much, the 65% fwd + bwd
+# step is 1.3-2.5% faster, the persistent forward kernel 1.3-3% faster, same
+# bits.
+COMPUTE_REGS, MEMORY_REGS = 240, 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,20 +138,9 @@ def _longest_first(counts):
                  dtype=jnp.int32)
 
 
-def _fully_visible(q_tile, k_block, kv_len, prefix_len, block_k):
-  """Whether tile (query tile, key block) needs no element mask (broadcasts)."""
-  limit = jnp.minimum(kv_len, jnp.maximum(prefix_len, q_tile * TILE_Q + 1))
-  return (k_block + 1) * block_k <= limit
-
-
-def _flat_tables(ids, count, split):
-  """(ids flattened, [count, split] interleaved): one scalar load per lookup.
-
-  split [B, H, n]: the length of each list's leading run that dq computes
-  without the element mask, or that dk/dv computes with it.
-  """
-  counts = jnp.stack([count.astype(jnp.int32), split], -1)
-  return ids.astype(jnp.int32).reshape(-1), counts.reshape(-1)
+def _flat(*tables):
+  """Tables as the kernels read them: int32, flat (a row starts at tile * width)."""
+  return tuple(x.astype(jnp.int32).reshape(-1) for x in tables)
 
 
 # ------------------------------------------------------------ pieces ---
@@ -278,7 +277,7 @@ def _dq_has_room_for_o(st: _Static, d):
   return rows + ring + vecs + 4096 <= SMEM_BYTES
 
 
-def _dq_compute_wg(refs, smem, bars, *, qt, n, n_full, row, st: _Static):
+def _dq_compute_wg(refs, smem, bars, *, qt, n, row, st: _Static):
   """One compute warpgroup: dq of 64 query rows over the listed key blocks.
 
   st.row_stats: refs' rows are (O, natural lse) and stats (lse2, delta) the
@@ -325,9 +324,10 @@ def _dq_compute_wg(refs, smem, bars, *, qt, n, n_full, row, st: _Static):
     plgpu.barrier_arrive(k_done.at[slot])
     return dq
 
-  dq = _zeros((WG_ROWS, q_smem.shape[-1]))
-  dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
-  dq = lax.fori_loop(n_full, n, functools.partial(step, masked=True), dq)
+  limit = whole_below(q_base, kv_len, prefix)
+  dq = split_loop(step, _zeros((WG_ROWS, q_smem.shape[-1])), n,
+                  lambda j: ids_ref[row + jnp.minimum(j, st.width - 1)],
+                  lambda kb: (kb + 1) * st.block_k <= limit, first_masked=False)
   q_smem[...] = (dq * st.sm_scale).astype(st.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -352,13 +352,7 @@ def _dq(q, k, v, d_out, row_inputs, tables, lens, st: _Static):
   last two [B, Hq, T] f32 for _dkv. Else row_inputs (lse2, delta) -> (dq,)."""
   b, t, hq, d = q.shape
   hkv, n_q = k.shape[2], t // TILE_Q
-  q_tile = jnp.arange(n_q, dtype=jnp.int32)[None, None, :, None]
-  kv_len, prefix = lens.per_row()
-  listed = jnp.arange(st.width) < tables.kv_count[..., None]
-  full = listed & _fully_visible(q_tile, tables.kv_ids, kv_len, prefix, st.block_k)
-  ids, counts = _flat_tables(tables.kv_ids, tables.kv_count,
-                             jnp.sum(full, -1, dtype=jnp.int32))
-
+  ids, counts = _flat(tables.kv_ids, tables.kv_count)
   n_lens = len(lens.arrays)
   n_stats = 2 if st.row_stats else 0
 
@@ -369,13 +363,12 @@ def _dq(q, k, v, d_out, row_inputs, tables, lens, st: _Static):
     bi, h = lax.axis_index("batch"), lax.axis_index("heads")
     qt = n_q - 1 - lax.axis_index("q_seq")   # longest (causal) tiles first
     tile = (bi * hkv + lax.div(h, st.group)) * n_q + qt
-    n, n_full = counts_ref[2 * tile], counts_ref[2 * tile + 1]
+    n = counts_ref[tile]
 
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
       _dq_compute_wg((q_ref, do_ref, (row_a, row_b), dq_ref, stats_refs, ids_ref, lens_of),
-                     smem, bars, qt=qt, n=n, n_full=n_full,
-                     row=tile * st.width, st=st)
+                     smem, bars, qt=qt, n=n, row=tile * st.width, st=st)
 
     @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
     def _():
@@ -469,8 +462,9 @@ def _sum_partials(parts, red_smem, sync, wg):
   return totals
 
 
-def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, n_masked, row, st: _Static):
-  """One compute warpgroup: dk, dv of 64 keys over the streamed query tiles."""
+def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, row, st: _Static):
+  """One compute warpgroup: dk, dv of 64 keys over the streamed query tiles,
+  the masked ones first (block_tables.whole_below)."""
   k_ref, v_ref, dk_ref, dv_ref, ids_ref, lens_of = refs
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *red = smem
   (k_bar, v_bar), ring_bars, done, sync = bars
@@ -508,9 +502,12 @@ def _dkv_compute_wg(refs, smem, bars, *, b, h, kb, n_steps, n_masked, row, st: _
     plgpu.barrier_arrive(done.at[slot])
     return carry
 
-  carry = (_zeros((WG_ROWS, k_smem.shape[-1])),) * 2
-  carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True), carry)
-  dk, dv = lax.fori_loop(n_masked, n_steps, functools.partial(step, masked=False), carry)
+  first_row = 0 if split_keys else wg * WG_ROWS   # of this warpgroup's rows in a tile
+  dk, dv = split_loop(
+      step, (_zeros((WG_ROWS, k_smem.shape[-1])),) * 2, n_steps,
+      lambda j: ids_ref[row + jnp.minimum(lax.div(j, st.group), st.width - 1)],
+      lambda qt: k0 + WG_ROWS > whole_below(qt * TILE_Q + first_row, kv_len, prefix),
+      first_masked=True)
   dk *= st.sm_scale
   store = functools.partial(_store_dkv, k_smem=kv_smem[0], v_smem=kv_smem[1],
                             dk_ref=dk_ref, dv_ref=dv_ref, keys=keys, dtype=st.dtype)
@@ -545,12 +542,7 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   n_k = s // st.block_k
-  k_block = jnp.arange(n_k, dtype=jnp.int32)[None, None, :, None]
-  kv_len, prefix = lens.per_row()
-  listed = jnp.arange(st.width) < tables.q_count[..., None]
-  masked = listed & ~_fully_visible(tables.q_ids, k_block, kv_len, prefix, st.block_k)
-  ids, counts = _flat_tables(tables.q_ids, tables.q_count,
-                             jnp.sum(masked, -1, dtype=jnp.int32))
+  ids, counts = _flat(tables.q_ids, tables.q_count)
   launch = _dkv_launch_order(tables.q_count, order)
 
   n_lens = len(lens.arrays)
@@ -563,13 +555,12 @@ def _dkv(q, k, v, d_out, lse2, delta, tables, lens, st: _Static, order: str):
     # the launch order.
     tile = launch_ref[lax.axis_index("ctas")]
     bi, h, kb = lax.div(tile, hkv * n_k), lax.rem(lax.div(tile, n_k), hkv), lax.rem(tile, n_k)
-    n_steps = counts_ref[2 * tile] * st.group
-    n_masked = counts_ref[2 * tile + 1] * st.group
+    n_steps = counts_ref[tile] * st.group
 
     @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
     def _():
       _dkv_compute_wg((k_ref, v_ref, dk_ref, dv_ref, ids_ref, lens_of),
-                      smem, bars, b=bi, h=h, kb=kb, n_steps=n_steps, n_masked=n_masked,
+                      smem, bars, b=bi, h=h, kb=kb, n_steps=n_steps,
                       row=tile * st.width, st=st)
 
     @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
@@ -651,7 +642,8 @@ def backward(q, k, v, tables: BlockTables, kv_len, prefix_len, out, lse, d_out, 
   _check(q, k, v, tables, out, d_out, block_sizes)
   interpret = plgpu.InterpretGPUParams() if interpret is True else (interpret or None)
   d, hkv, bk = q.shape[-1], k.shape[2], block_sizes.block_k
-  tables = with_q_tables(tables, k.shape[1] // bk)
+  tables = select_triton.with_q_tables(tables, k.shape[1] // bk,
+                                      interpret=interpret is not None)
   sm_scale = d ** -0.5 if sm_scale is None else sm_scale
   lens = kernel_lengths(kv_len, prefix_len, k.shape[1])
   lse = lse.astype(jnp.float32)

@@ -1,5 +1,6 @@
 """Block selection in Pallas-Triton kernels: kv tables from block scores in one
-kernel, and the pooling and scoring before them in two.
+kernel, and the pooling and scoring before them in two; and the transposed
+tables the dk/dv pass reads, from the kv tables, in one (q_tables).
 
 block_tables.tables_from_scores' XLA methods build the kv tables in several
 kernels (a top_k and a sort, or three compare-and-reduce passes, plus the
@@ -39,6 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.sparse_attention import block_cutoff
 from pallas_kernels.sparse_attention import block_tables as bt
+from pallas_kernels.sparse_attention import triton_common as tc
 
 
 def _row_tables_kernel(scores_ref, budget_ref, ids_ref, count_ref, *, n_k):
@@ -233,3 +235,72 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
       interpret=interpret,
   )(q, kp, rule, jnp.minimum(budget.astype(jnp.int32), max_k))
   return (ids if padded else ids[..., :max_k]), count
+
+
+def _q_tables_kernel(ids_ref, count_ref, q_ids_ref, q_count_ref, *, chunk):
+  """Program (b, h, kb): the query tiles whose kv list (ids_ref [nQ, W],
+  count_ref [nQ]: one (batch, kv head)'s tables) holds key block kb, in
+  ascending order, `chunk` tiles a pass; padded as compact_rows pads."""
+  kb = pl.program_id(2)
+  n_q, width = ids_ref.shape
+  listed_at = jax.lax.broadcasted_iota(jnp.int32, (chunk, width), 1)
+  tile_at = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+
+  def scan(c, carry):
+    count, last = carry
+    rows = pl.ds(c * chunk, chunk)
+    listed = listed_at < count_ref[rows][:, None]
+    hit = jnp.max(jnp.where(listed & (ids_ref[rows, :] == kb), 1, 0), axis=1)
+    tile = c * chunk + tile_at
+    plgpu.store(q_ids_ref.at[count + jnp.cumsum(hit) - hit], tile, mask=hit > 0)
+    return count + jnp.sum(hit), jnp.maximum(last, jnp.max(jnp.where(hit > 0, tile, 0)))
+
+  count, last = jax.lax.fori_loop(0, n_q // chunk, scan, (jnp.int32(0), jnp.int32(0)))
+  slot = jax.lax.broadcasted_iota(jnp.int32, q_ids_ref.shape, 0)
+  plgpu.store(q_ids_ref, jnp.full(q_ids_ref.shape, last, jnp.int32), mask=slot >= count)
+  q_count_ref[...] = count
+
+
+@functools.partial(jax.jit, static_argnames=('n_k', 'interpret', 'num_warps'))
+def q_tables(kv_ids: jax.Array, kv_count: jax.Array, n_k: int, *,
+             interpret: bool = False, num_warps: int = 4):
+  """The transposed tables (q_ids [B, H, nK, W'], q_count [B, H, nK]) of kv
+  tables (kv_ids [B, H, nQ, W], kv_count [B, H, nQ]) in one kernel, one
+  program a key block: block_tables.with_q_tables' lists, which XLA builds in
+  six kernels (a scatter into a block mask, a sort, ...: 17 us at 4k tokens
+  on an H200, where this kernel takes 3.3 us; docs/results.md). W' is nQ
+  rounded up to a power of two; entries past a count repeat its last id (0
+  if empty)."""
+  b, h, n_q, _ = kv_ids.shape
+  if kv_count.shape != (b, h, n_q) or n_k < 1:
+    raise ValueError(f'q_tables: {kv_ids.shape=} and {kv_count.shape=} disagree '
+                     f'(want [B, H, nQ, W] and [B, H, nQ]), or {n_k=} < 1')
+  ids = tc.pad_ids(kv_ids)
+  width, out_width = ids.shape[-1], pl.next_power_of_2(n_q)
+  chunk = max(1, min(out_width, 4096 // width))   # 4096 table entries a pass
+  padded_q = -(-n_q // chunk) * chunk
+  count = kv_count.astype(jnp.int32)
+  if padded_q != n_q:   # tiles with an empty list
+    ids = jnp.pad(ids, ((0, 0), (0, 0), (0, padded_q - n_q), (0, 0)))
+    count = jnp.pad(count, ((0, 0), (0, 0), (0, padded_q - n_q)))
+  return pl.pallas_call(
+      functools.partial(_q_tables_kernel, chunk=chunk),
+      grid=(b, h, n_k),
+      in_specs=[pl.BlockSpec((None, None, padded_q, width), lambda bi, hi, j: (bi, hi, 0, 0)),
+                pl.BlockSpec((None, None, padded_q), lambda bi, hi, j: (bi, hi, 0))],
+      out_specs=[pl.BlockSpec((None, None, None, out_width), lambda bi, hi, j: (bi, hi, j, 0)),
+                 pl.BlockSpec((None, None, None), lambda bi, hi, j: (bi, hi, j))],
+      out_shape=[jax.ShapeDtypeStruct((b, h, n_k, out_width), jnp.int32),
+                 jax.ShapeDtypeStruct((b, h, n_k), jnp.int32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+  )(ids, count)
+
+
+def with_q_tables(tables: bt.BlockTables, n_k: int, *, interpret: bool = False):
+  """block_tables.with_q_tables through q_tables: tables that lack the
+  transposed ones get them from one kernel."""
+  if tables.q_ids is not None:
+    return tables
+  q_ids, q_count = q_tables(tables.kv_ids, tables.kv_count, n_k, interpret=interpret)
+  return tables._replace(q_ids=q_ids, q_count=q_count)

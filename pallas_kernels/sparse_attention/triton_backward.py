@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.sparse_attention import select_triton
 from pallas_kernels.sparse_attention import triton_common as tc
-from pallas_kernels.sparse_attention.block_tables import with_q_tables
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, count_ref,
@@ -97,7 +97,8 @@ def _residual_rows(out, lse, d_out, d_lse):
 def backward(q, k, v, tables, kv_len, prefix_len, out, lse, d_out, d_lse, st):
   """(dq, dk, dv) for triton.forward; shapes were checked by the caller."""
   lse, delta = _residual_rows(out, lse, d_out, d_lse)
-  tables = with_q_tables(tables, k.shape[1] // st.block_sizes.block_k)
+  tables = select_triton.with_q_tables(tables, k.shape[1] // st.block_sizes.block_k,
+                                      interpret=st.interpret)
   lens = (jnp.asarray(kv_len, jnp.int32), jnp.asarray(prefix_len, jnp.int32))
   d_out = d_out.astype(q.dtype)
   dq = _dq(q, k, v, d_out, lse, delta, tables, lens, st)

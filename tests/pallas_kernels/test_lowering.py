@@ -82,6 +82,9 @@ CASES = {
         *a, block_sizes=SIZES, config=mosaic_gpu.Config(persistent_ctas=5))[0]),
         QKV + TABLES + LENS, 'mosaic'),
     'mosaic_backward': (_grad(_with_full_tables(_MOSAIC)), QKV + TABLES + LENS, 'mosaic'),
+    # kv tables only: the transposed ones from select_triton.q_tables, a Triton kernel.
+    'mosaic_backward_kv_tables': (_grad(_kv_only(_MOSAIC)), QKV + TABLES + LENS,
+                                  ('mosaic', 'triton')),
     # block_k 128: no room for O in dq's shared memory, XLA computes delta.
     'mosaic_backward_bk128': (_grad(lambda q, k, v, ids, count, *lens: _MOSAIC_128(
         q, k, v, bt.build_block_tables(bt.block_mask_from_tables(ids, count, T // 128)),
@@ -106,6 +109,7 @@ CASES = {
     'select_score_tables': (functools.partial(select_triton.score_tables, max_k=7, block_q=128),
                             (QKV[0], _aval((B, 12, HKV, D)),
                              _aval((N_Q, 12), jnp.int8), _aval((N_Q,), I32)), 'triton'),
+    'select_q_tables': (functools.partial(select_triton.q_tables, n_k=N_K), TABLES, 'triton'),
 }
 
 
@@ -113,8 +117,8 @@ CASES = {
 def test_lowers_for_an_h100(name):
   fn, avals, backend = CASES[name]
   text = lower_for(H100, fn, *avals)
-  marker = {'mosaic': 'mosaic_gpu', 'triton': '__gpu$xla.gpu.triton'}[backend]
-  assert marker in text
+  for kind in (backend,) if isinstance(backend, str) else backend:
+    assert {'mosaic': 'mosaic_gpu', 'triton': '__gpu$xla.gpu.triton'}[kind] in text
 
 
 def test_tpu_kernels_lower_for_a_v5e():

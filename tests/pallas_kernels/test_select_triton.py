@@ -92,7 +92,31 @@ def test_a_scalar_budget_broadcasts_over_rows():
     np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize('b, h, n_q, n_k, width', [
+    (2, 3, 6, 5, 5),       # ragged: nQ and the width padded to powers of two
+    (1, 2, 40, 64, 64),    # 64-entry rows: passes of 64 tiles, nQ padded to them
+    (1, 1, 24, 300, 200),  # 256-wide rows: passes of 16 tiles
+])
+def test_q_tables_transpose_the_kv_tables(b, h, n_q, n_k, width):
+  """q_tables gives with_q_tables' lists and counts (empty kv rows included:
+  the budgets reach 0), padded past nQ with each row's last id as
+  compact_rows pads."""
+  keys = jax.random.split(jax.random.PRNGKey(n_q), 2)
+  scores = jax.random.normal(keys[0], (b, h, n_q, n_k))
+  budget = jax.random.randint(keys[1], (b, h, n_q), 0, min(width, 12) + 1)
+  kv_ids, kv_count = bt.tables_from_scores(scores, budget, width)
+  want = bt.with_q_tables(bt.BlockTables(kv_ids, kv_count, None, None), n_k)
+  q_ids, q_count = select_triton.q_tables(kv_ids, kv_count, n_k, interpret=True)
+  np.testing.assert_array_equal(q_count, want.q_count)
+  np.testing.assert_array_equal(q_ids[..., :n_q], want.q_ids)
+  last = jnp.take_along_axis(q_ids, jnp.maximum(q_count - 1, 0)[..., None], axis=-1)
+  np.testing.assert_array_equal(q_ids[..., n_q:], jnp.broadcast_to(last, q_ids[..., n_q:].shape))
+  assert int(jnp.sum(kv_count == 0)) > 0
+
+
 @pytest.mark.parametrize('call, match', [
+    (lambda: select_triton.q_tables(jnp.zeros((1, 2, 4, 3), jnp.int32),
+                                    jnp.zeros((1, 2, 3), jnp.int32), 8), 'kv_count.shape'),
     (lambda: select_triton.pool_keys(jnp.zeros((1, 200, 1, 32)), block_k=64), 'whole blocks'),
     (lambda: select_triton.score_tables(jnp.zeros((1, 128, 3, 32)), jnp.zeros((1, 2, 1, 32)),
                                         jnp.zeros((1, 2), jnp.int8), jnp.zeros((1,), jnp.int32),

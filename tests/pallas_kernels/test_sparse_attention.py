@@ -137,6 +137,33 @@ def test_tables_from_scores_cases():
     bt.tables_from_scores(scores, budget, 3, method='sort')
 
 
+@pytest.mark.parametrize('ids, count, limit, first_masked, want_first', [
+    ([0, 2, 3, 7, 7], 4, 3, False, 2),   # ids below 3: 0, 2; then 3 and 7 masked
+    ([0, 2, 3, 7, 7], 4, 4, True, 3),    # a masked run first, as dk/dv's
+    ([0, 2, 3, 7, 7], 4, 99, False, 4),  # every listed block in the first run
+    ([5, 6, 6], 2, 1, False, 0),         # none
+    ([1, 1], 0, 9, True, 0),             # an empty list runs no step
+])
+def test_split_loop_runs_each_step_once_in_its_kind(ids, count, limit, first_masked,
+                                                    want_first):
+  """The Mosaic kernels' loop (block_tables.split_loop), run as plain jnp: steps
+  0..count-1 in order, the first run while its predicate holds of the next id,
+  the other kind after; id_at is read one step ahead (the clamped count-th)."""
+  table = jnp.array(ids, jnp.int32)
+  id_at = lambda j: table[jnp.minimum(j, len(ids) - 1)]
+
+  def step(j, carry, masked):
+    seen, kinds = carry
+    return seen.at[j].add(1), kinds.at[j].set(int(masked))
+
+  zeros = jnp.zeros(len(ids), jnp.int32)
+  seen, kinds = bt.split_loop(step, (zeros, zeros - 1), jnp.int32(count), id_at,
+                              lambda block: block < limit, first_masked)
+  np.testing.assert_array_equal(seen, [1] * count + [0] * (len(ids) - count))
+  want = [int(first_masked)] * want_first + [int(not first_masked)] * (count - want_first)
+  np.testing.assert_array_equal(kinds[:count], want)
+
+
 # ------------------------------------------------------------- reference ----
 
 def _reference_kernel(q, k, v, tables, kv_len, prefix_len, *, block_sizes):

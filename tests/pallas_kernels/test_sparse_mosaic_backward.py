@@ -187,17 +187,18 @@ def test_with_the_mosaic_forward():
     assert_close(g, r, TOL, f'd{n}')
 
 
-def test_fully_visible_tiles_match_the_element_mask():
-  """The mask-free tiles are exactly those the element mask leaves all True."""
+@pytest.mark.parametrize('rows', [128, 64])   # a tile, a warpgroup's half
+def test_whole_below_bounds_the_mask_free_tiles(rows):
+  """The tiles whose keys end at or below whole_below of their first row
+  are exactly those the element mask leaves all True."""
   t, bk = 1024, 64
   kv_len, prefix = jnp.array([1024, 700, 300, 0]), jnp.array([0, 200, 300, 0])
   mask = np.asarray(element_mask(t, t, kv_len, prefix))       # [B, T, S]
-  n_q, n_k = t // 128, t // bk
-  want = mask.reshape(4, n_q, 128, n_k, bk).all(axis=(2, 4))
+  n_q, n_k = t // rows, t // bk
+  want = mask.reshape(4, n_q, rows, n_k, bk).all(axis=(2, 4))
   q_tile = jnp.arange(n_q)[None, :, None]
-  k_block = jnp.arange(n_k)[None, None, :]
-  got = mosaic_gpu_backward._fully_visible(q_tile, k_block, kv_len[:, None, None],
-                                           prefix[:, None, None], bk)
+  key_end = (jnp.arange(n_k)[None, None, :] + 1) * bk
+  got = key_end <= bt.whole_below(q_tile * rows, kv_len[:, None, None], prefix[:, None, None])
   np.testing.assert_array_equal(np.asarray(got), want)
 
 
