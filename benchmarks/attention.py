@@ -32,6 +32,7 @@ from benchmarks import timing  # noqa: E402
 from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu_backward  # noqa: E402
+from pallas_kernels.sparse_attention import mosaic_gpu_decode  # noqa: E402
 from pallas_kernels.sparse_attention import decode  # noqa: E402
 from pallas_kernels.sparse_attention import reference  # noqa: E402
 from pallas_kernels.sparse_attention import select_triton  # noqa: E402
@@ -41,7 +42,7 @@ FLAGS = flags.DEFINE_string('out', '/tmp/attention_bench', 'output folder')
 _SEQS = flags.DEFINE_list('seqs', ['2048', '4096', '8192', '16384', '32768'], 'sequence lengths')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.5', '0.65', '0.8'], 'block sparsities')
 _SELECT_METHODS = flags.DEFINE_list(
-    'select_method', ['fused', 'top_k', 'rank', 'pallas'], 'forward: how the tables are built: '
+    'select_method', ['fused', 'pallas', 'top_k', 'rank'], 'forward: how the tables are built: '
     '`fused`, the whole selection in select_triton\'s two kernels (the fastest end to end on '
     'the H200, docs/results.md), or from XLA\'s block scores by a block_tables.'
     'tables_from_scores method; decode uses the first of those. The first is used everywhere '
@@ -110,9 +111,11 @@ _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused
                                   'ours_fused_s65_<spec>')
 _DECODE_TABLES = flags.DEFINE_list('decode_tables', [], 'the same for the table decode '
                                    '(decode.sparse_decode): keys ours_s65_<spec>')
-_DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['4x2', '8x2'], 'the Mosaic forward kernel '
-                                   'as split-K decode (mosaic_gpu.sparse_decode), SPLITSxSTAGES '
-                                   'at 65%: keys ours_mosaic_s65_<spec>[_kernel]')
+_DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['0x6', '0x4'], 'the Mosaic decode kernel '
+                                   '(mosaic_gpu_decode.sparse_decode), SPLITSxSTAGES at 65% '
+                                   '(0 splits: its default); the first also with each other '
+                                   'decode --select_method: keys ours_mosaic_s65_<spec>[_kernel'
+                                   '|_<method>]')
 _DECODE_CHAIN = flags.DEFINE_integer('decode_chain', 0, 'also time N decode steps chained in '
                                      'one program (chained): per-step ms in chain_ms, for '
                                      'cuDNN and our 65% paths; 0: not')
@@ -124,19 +127,29 @@ def time_ms(fn, *args):
   return timing.time_ms(fn, *args, iters=_ITERS.value, repeats=_REPEATS.value)
 
 
-def select_blocks(q, k, keep, visible, block_k, method='top_k', score_options=None):
+def select_blocks(q, k, keep, visible, block_k, method='top_k', score_options=None,
+                  dense_shortcut=True):
   """The timed selection stage: pooled block scores, a per-row budget, tables.
 
   Stands in for the gate's inference path (mean-pooled queries against
   max-pooled keys of each kv head; first and diagonal blocks forced) so that
   its cost is inside the timing; the learned projection adds one small matmul.
   `visible` is a static numpy [nQ, nK] array; `method` is tables_from_scores',
-  or 'fused'; score_options: more keywords of the fused score_tables.
+  or 'fused'; score_options: more keywords of the fused score_tables. A budget
+  that keeps every visible tile (dense mode) takes the mask's tables, no scores
+  (dense_shortcut=False: scores them all the same, for tests).
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   forced = budgets.forced_tiles(t, BQ, block_k)
   budget = budgets.row_budgets(keep, visible, forced)
+  if dense_shortcut and (budget >= visible.sum(-1)).all():
+    # Dense mode: every visible tile is kept whatever the scores say, so the
+    # tables are the mask's, constants of the program (as a model that skips
+    # its gate at full budget would build them): no selection runs.
+    ids, count = budgets.mask_tables(visible)
+    full = lambda x: jnp.asarray(np.broadcast_to(x, (b, hkv) + x.shape))
+    return bt.BlockTables(full(ids), full(count), None, None)
   if method == 'fused':   # the whole stage in two kernels: key pooling, then the rest
     interpret = jax.default_backend() == 'cpu'
     kp = select_triton.pool_keys(k, block_k=block_k, interpret=interpret)
@@ -501,17 +514,11 @@ def decode_config(spec):
   return config
 
 
-def mosaic_decode(*args, num_stages=2, **kw):
-  """mosaic_gpu.sparse_decode taking a decode_config (SPLITSxSTAGES) like the
-  Triton kernels; its stages are the K/V ring's slots."""
-  return mosaic_gpu.sparse_decode(*args, config=mosaic_gpu.Config(num_stages), **kw)
-
-
 def mosaic_decode_kernel(spec, block_k):
   """jitted (q, k, v, ids, count, kv_len, prefix_len, q_offset) ->
-  mosaic_gpu.sparse_decode at SPLITSxSTAGES."""
+  mosaic_gpu_decode.sparse_decode at SPLITSxSTAGES."""
   config = decode_config(spec)
-  return jax.jit(lambda q, k, v, ids, count, *lens: mosaic_decode(
+  return jax.jit(lambda q, k, v, ids, count, *lens: mosaic_gpu_decode.sparse_decode(
       q, k, v, ids, count, *lens, block_k=block_k, **config))
 
 
@@ -548,8 +555,10 @@ def decode_tables(q, pooled, budget, method='top_k'):
   scores = decode_scores(q, pooled)
   n_k = scores.shape[-1]
   forced = (jnp.arange(n_k) == 0) | (jnp.arange(n_k) == n_k - 1)
-  return bt.tables_from_scores(jnp.where(forced, jnp.inf, scores),
-                               jnp.full(scores.shape[:-1], budget), budget, method=method)
+  # One budget for every row, a scalar (no broadcast kernel); the kernels read
+  # a table row up to its count, so a padded width saves the slice.
+  return bt.tables_from_scores(jnp.where(forced, jnp.inf, scores), jnp.int32(budget), budget,
+                               method=method, padded=True)
 
 
 def bench_decode(batch, cache, block_k=64, new=1):
@@ -573,6 +582,7 @@ def bench_decode(batch, cache, block_k=64, new=1):
   pooled = jax.jit(pool_keys, static_argnums=1)(kc, block_k)
   # A decode step scores its blocks itself: the tables_from_scores methods only.
   methods = [m for m in _SELECT_METHODS.value if m in bt.SELECT_METHODS] or ['top_k']
+  res['select'] = methods[0]
 
   def select(budget, method=methods[0]):
     return jax.jit(functools.partial(decode_tables, budget=budget, method=method))
@@ -633,15 +643,18 @@ def bench_decode(batch, cache, block_k=64, new=1):
            'ours_s65': tables_step, 'ours_fused_s65': fused_step}
   for spec in _DECODE_MOSAIC.value:   # the same tables, streamed by TMA (one new token)
     kernel = mosaic_decode_kernel(spec, block_k)
-    selection = select(budget(0.65))
-    step = jax.jit(lambda q, k, v, kp, *lens, kernel=kernel, selection=selection:
-                   kernel(q, k, v, *selection(q, kp), *lens))
-    chain[f'ours_mosaic_s65_{spec}'] = step
-    timed(f'ours_mosaic_s65_{spec}', step, *step_args)
+    # The first spec also with each other way to build the tables.
+    for method in methods[:1] + (methods[1:] if spec == _DECODE_MOSAIC.value[0] else []):
+      key = f'ours_mosaic_s65_{spec}' + ('' if method == methods[0] else f'_{method}')
+      selection = select(budget(0.65), method)
+      step = jax.jit(lambda q, k, v, kp, *lens, kernel=kernel, selection=selection:
+                     kernel(q, k, v, *selection(q, kp), *lens))
+      chain[key] = step
+      timed(key, step, *step_args)
+      if key in res['ms']:
+        res.setdefault('mosaic_vs_tables_rel_err', {})[key] = rel_err(
+            step(*step_args), tables_out)
     timed(f'ours_mosaic_s65_{spec}_kernel', kernel, q, kc, vc, *tables, *lens)
-    if f'ours_mosaic_s65_{spec}' in res['ms']:
-      res.setdefault('mosaic_vs_tables_rel_err', {})[spec] = rel_err(
-          step(*step_args), tables_out)
   # The same step over a head-major cache: each kv head's blocks contiguous in
   # memory (rows of D instead of a stride of Hkv * D), as kv-head batch rows.
   head_major = head_major_decode_args(*step_args, hkv=hkv)
@@ -713,9 +726,9 @@ def check_decode():
                                  decode.sparse_decode_scored_reference,
                                  (q, kc, vc, scores, jnp.full((2, 4), 0.5), *lens),
                                  dict(rule='keep_min'), loops, specs(_DECODE_FUSED)),
-      # Not yet run on a GPU (2026-11-25): every config may fail, reported.
-      'decode_mosaic': (mosaic_decode, decode.sparse_decode_reference, one, {}, [],
-                        specs(_DECODE_MOSAIC)),
+      # A config that does not compile (shared memory) is reported.
+      'decode_mosaic': (mosaic_gpu_decode.sparse_decode, decode.sparse_decode_reference, one,
+                        {}, [], specs(_DECODE_MOSAIC)),
   }
   rows = []
   for case, (kernel, reference_fn, args, kw, required, optional) in cases.items():
@@ -802,7 +815,8 @@ def markdown(results, fwdbwd, decodes, env):
     lines += ['', 'Decode, one new token per sequence: ms (median), ratio to the '
               'fastest dense kernel, TB/s of K/V read (all of the cache; 35% of it '
               'for s65). `_kernel`: the kernel alone, selection outside the timing; '
-              'configs SPLITSxSTAGES[xBLOCKS[xWARPS[xPREFETCH]]].', '',
+              'configs SPLITSxSTAGES[xBLOCKS[xWARPS[xPREFETCH]]]. Tables by '
+              f"`{decodes[0].get('select', 'top_k')}` unless a key ends in another method.", '',
               '| batch x cache | ' + ' | '.join(f"{r['batch']} x {r['cache']}"
                                                for r in decodes) + ' |',
               '| --- |' + ' --- |' * len(decodes)]

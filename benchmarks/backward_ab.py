@@ -18,7 +18,6 @@ new / base, and its gradients' relative error against the new version's.
 import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -132,16 +131,8 @@ def markdown(rows, env):
 def main(_):
   bases = kernel_ab.load_bases(kernel_ab._BASE.value, ('Config', 'backward'),
                                'mosaic_gpu_backward.py')
-  os.makedirs(attention.FLAGS.value, exist_ok=True)
-  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-             date=time.strftime('%Y-%m-%d'), base=kernel_ab._BASE.value)
-  rows = [bench(int(seq), bases) for seq in attention._SEQS.value]
-  with open(os.path.join(attention.FLAGS.value, 'backward_ab.json'), 'w') as f:
-    json.dump(dict(env=env, rows=rows), f, indent=1)
-  table = markdown(rows, env)
-  with open(os.path.join(attention.FLAGS.value, 'backward_ab.md'), 'w') as f:
-    f.write(table)
-  print(table)
+  kernel_ab.report('backward_ab',
+                   lambda: [bench(int(seq), bases) for seq in attention._SEQS.value], markdown)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,21 @@ def forced_tiles(seq, block_q, block_k):
   return ((k_first >= q_first) & (k_first < q_first + block_q)) | (k_first == 0)
 
 
+def mask_tables(visible):
+  """(ids int32 [nQ, W], count int32 [nQ]) listing each row's visible tiles
+  ascending, W the longest row, shorter rows padded with their last id (as
+  block_tables.compact_rows pads): the tables of a budget that keeps every
+  visible tile, which need no scores."""
+  visible = np.asarray(visible, bool)
+  count = visible.sum(-1).astype(np.int32)
+  ids = np.zeros((visible.shape[0], max(int(count.max()), 1)), np.int32)
+  for r, row in enumerate(visible):
+    listed = np.flatnonzero(row)
+    if listed.size:
+      ids[r] = np.concatenate([listed, np.full(ids.shape[1] - listed.size, listed[-1])])
+  return ids, count
+
+
 def row_budgets(keep, visible, forced):
   """int32 [nQ]: key blocks each query tile keeps, `keep` of all visible tiles.
 

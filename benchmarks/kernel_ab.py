@@ -117,18 +117,26 @@ def markdown(rows, env, bases):
   return '\n'.join(lines) + '\n'
 
 
-def main(_):
-  bases = load_bases(_BASE.value)
+def report(stem, bench_rows, table):
+  """Runs bench_rows() -> rows, then writes DIR/stem.json (the run's device,
+  versions, date and --base, and the rows) and DIR/stem.md (table(rows, env))
+  and prints the table: the A/B tools' common ending."""
   os.makedirs(attention.FLAGS.value, exist_ok=True)
   env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
              date=time.strftime('%Y-%m-%d'), base=_BASE.value)
-  rows = [bench(int(seq), bases) for seq in attention._SEQS.value]
-  with open(os.path.join(attention.FLAGS.value, 'kernel_ab.json'), 'w') as f:
+  rows = bench_rows()
+  with open(os.path.join(attention.FLAGS.value, f'{stem}.json'), 'w') as f:
     json.dump(dict(env=env, rows=rows), f, indent=1)
-  table = markdown(rows, env, list(bases))
-  with open(os.path.join(attention.FLAGS.value, 'kernel_ab.md'), 'w') as f:
-    f.write(table)
-  print(table)
+  text = table(rows, env)
+  with open(os.path.join(attention.FLAGS.value, f'{stem}.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
+def main(_):
+  bases = load_bases(_BASE.value)
+  report('kernel_ab', lambda: [bench(int(seq), bases) for seq in attention._SEQS.value],
+         lambda rows, env: markdown(rows, env, list(bases)))
 
 
 if __name__ == '__main__':

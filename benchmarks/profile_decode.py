@@ -23,7 +23,9 @@ Paths: cudnn (dense decode), tables (the Triton table kernel), fused (the Triton
 kernel with the selection fused in), mosaic (the Mosaic kernel, --mosaic
 SPLITSxSTAGES). Tables and scores are made outside the profiled range, as the
 `_kernel` timings of benchmarks/attention.py make them; the glue a kernel needs
-around it (tiles, split tables, the splits' merge) is inside.
+around it (tiles, split tables, the splits' merge) is inside. mosaic_step: the
+whole step, the selection (its scores and one-kernel tables, method `pallas`)
+inside too.
 """
 
 import ctypes
@@ -45,8 +47,8 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'sequences')
 _CACHE = flags.DEFINE_integer('cache', 32768, 'cached positions per sequence')
 _BLOCK_K = flags.DEFINE_integer('block_k', 64, 'key block of the tables')
 _SPARSITY = flags.DEFINE_float('sparsity', 0.65, 'share of key blocks skipped')
-_MOSAIC = flags.DEFINE_string('mosaic', '4x4', 'Mosaic decode SPLITSxSTAGES')
-PATHS = ('cudnn', 'tables', 'fused', 'mosaic')
+_MOSAIC = flags.DEFINE_string('mosaic', '0x6', 'Mosaic decode SPLITSxSTAGES')
+PATHS = ('cudnn', 'tables', 'fused', 'mosaic', 'mosaic_step')
 _PATHS = flags.DEFINE_multi_enum('paths', list(PATHS), PATHS, 'the paths to profile')
 
 
@@ -87,6 +89,7 @@ def main(_):
   ids, count = attention.decode_tables(q, pooled, budget)
   scores = attention.decode_scores(q, pooled)
   cutoff = jnp.full(scores.shape[:-1], budget - 2, jnp.int32)
+  mosaic = attention.mosaic_decode_kernel(_MOSAIC.value, bk)
   paths = {
       'cudnn': (jax.jit(lambda q, k, v, kv_len: jax.nn.dot_product_attention(
           q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn')), (q, kc, vc, kv_len)),
@@ -95,8 +98,10 @@ def main(_):
       'fused': (jax.jit(lambda q, k, v, sc, cu, *lens: decode.sparse_decode_scored(
           q, k, v, sc, cu, *lens, block_k=bk, rule='top_k')),
                 (q, kc, vc, scores, cutoff, *lens)),
-      'mosaic': (attention.mosaic_decode_kernel(_MOSAIC.value, bk),
-                 (q, kc, vc, ids, count, *lens)),
+      'mosaic': (mosaic, (q, kc, vc, ids, count, *lens)),
+      'mosaic_step': (jax.jit(lambda q, k, v, kp, *lens: mosaic(
+          q, k, v, *attention.decode_tables(q, kp, budget, 'pallas'), *lens)),
+                      (q, kc, vc, pooled, *lens)),
   }
   run_profiled({name: paths[name] for name in _PATHS.value})
   cache_mb = 2 * kc.size * kc.dtype.itemsize / 1e6   # K and V

@@ -56,3 +56,12 @@ def test_sparsity_counts_every_row_of_the_tables():
   visible = budgets.visible_tiles(256, 128, 128)        # 1 + 2 visible tiles
   counts = np.array([[[1, 1]], [[1, 2]]])                # [B=2, Hkv=1, nQ=2]
   assert budgets.sparsity(counts, visible) == pytest.approx(1 - 5 / 6)
+
+
+def test_mask_tables_list_each_rows_visible_tiles():
+  visible = budgets.visible_tiles(512, 128, 64, prefix=200)
+  ids, count = budgets.mask_tables(visible)
+  np.testing.assert_array_equal(count, visible.sum(-1))
+  for row, (listed, n) in enumerate(zip(ids, count)):
+    assert listed[:n].tolist() == np.flatnonzero(visible[row]).tolist()
+    assert (listed[n:] == listed[n - 1]).all()

@@ -107,13 +107,15 @@ SELECT_METHODS = ('top_k', 'rank', 'pallas')
 
 
 def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
-                       method: str = 'top_k') -> tuple[jax.Array, jax.Array]:
+                       method: str = 'top_k', padded: bool = False
+                       ) -> tuple[jax.Array, jax.Array]:
   """kv tables straight from block scores `[..., nK]`, no block mask.
 
   Keeps per row the `budget[...]` highest-scoring blocks (at most the static
   `max_k`); a score of -inf is never kept, +inf always (forced blocks sort
   first). Returns (ids [..., max_k] ascending and padded as compact_rows
-  does, count [...]).
+  does, count [...]). padded: ids may be wider than max_k (their rows padded
+  the same way), as 'pallas' writes them, saving a slice.
 
   method (all give identical tables; which is faster depends on the device):
     'top_k': one lax.top_k of max_k entries, then a sort of max_k entries.
@@ -144,7 +146,7 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int,
     if jax.default_backend() not in ('gpu', 'cpu'):
       raise ValueError("method='pallas' needs a GPU (or a CPU, interpreted)")
     from pallas_kernels.sparse_attention import select_triton  # pylint: disable=g-import-not-at-top
-    return select_triton.tables_from_scores(scores, budget, max_k,
+    return select_triton.tables_from_scores(scores, budget, max_k, padded=padded,
                                             interpret=jax.default_backend() == 'cpu')
   if method != 'top_k':
     raise ValueError(f"{method=} must be one of {SELECT_METHODS}")

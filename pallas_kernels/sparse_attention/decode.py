@@ -139,6 +139,45 @@ def combine(out, lse, axis):
   return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def _merge_window_kernel(out_ref, lse_ref, o_ref, *, group, per_window):
+  """combine over the partials [P, W, D] of one (batch, kv head), its own G
+  rows: window rows (h % per_window) * G + [0, G)."""
+  rows = pl.ds(lax.rem(pl.program_id(1), per_window) * group, group)
+  lse = lse_ref[:, rows]                                       # [P, G]
+  top = jnp.max(lse, axis=0)
+  top = jnp.where(top > -jnp.inf, top, 0.0)
+  weight = jnp.exp(lse - top[None])                            # 0 where -inf
+  total = jnp.sum(weight, axis=0)
+  merged = jnp.sum(weight[:, :, None] * out_ref[:, rows, :].astype(jnp.float32), axis=0)
+  o_ref[...] = (merged / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+def merge_windows(out, lse, *, group, per_window, dtype, interpret=False):
+  """combine(out[..., own rows, :], lse[..., own rows], axis=2) in one Triton
+  kernel, for partials that hold a window of W query rows of which a kv head
+  owns G (mosaic_gpu_decode): out [B, Hkv, P, W, D], lse [B, Hkv, P, W] ->
+  [B, Hkv, G, D] in dtype. XLA makes two or three kernels of the same
+  (slices, then two reductions). P, W, G and D must be powers of two
+  (Triton's blocks); `mergeable` says whether they are."""
+  b, hkv, parts, window, d = out.shape
+  return pl.pallas_call(
+      functools.partial(_merge_window_kernel, group=group, per_window=per_window),
+      grid=(b, hkv),
+      in_specs=[pl.BlockSpec((None, None, parts, window, d), lambda i, h: (i, h, 0, 0, 0)),
+                pl.BlockSpec((None, None, parts, window), lambda i, h: (i, h, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, group, d), lambda i, h: (i, h, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hkv, group, d), dtype),
+      compiler_params=tc.compiler_params(d, 4, 1),
+      interpret=interpret,
+      name='merge_windows',
+  )(out, lse)
+
+
+def mergeable(*sizes):
+  """Whether merge_windows takes these block sizes (all powers of two)."""
+  return all(n > 0 and n & (n - 1) == 0 for n in sizes)
+
+
 def _check_shapes(q, k_cache, v_cache, kv_ids, kv_count, block_k):
   b, d = q.shape[0], q.shape[3]
   s, hkv = k_cache.shape[1], k_cache.shape[2]

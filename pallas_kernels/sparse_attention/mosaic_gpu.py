@@ -29,7 +29,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.sparse_attention import decode
 from pallas_kernels.sparse_attention import mosaic_gpu_backward
 from pallas_kernels.sparse_attention.block_tables import (
     BlockSizes, BlockTables, check_kv_tables, check_qkv, kernel_lengths, split_loop,
@@ -423,65 +422,6 @@ def sparse_attention_fwd(q, k, v, tables: BlockTables, kv_len, prefix_len, *,
       interpret=interpret,
   )(q, k, v, ids, counts, *lens.arrays)
   return out, lse
-
-
-# ---------------------------------------------------------------- decode ---
-
-def split_tables(kv_ids, kv_count, splits):
-  """[B, H, max_k] ascending block lists -> ([B, H, splits, width] ids, [B, H,
-  splits] counts): split i holds entries [i * c, (i + 1) * c) of its row's list,
-  c = ceil(count / splits) (flash-decoding's contiguous slices). Entries past
-  a count repeat valid ids; nothing reads them."""
-  b, h, max_k = kv_ids.shape
-  width = -(-max_k // splits)
-  chunk = (kv_count.astype(jnp.int32) + splits - 1) // splits           # [B, H]
-  starts = jnp.arange(splits, dtype=jnp.int32) * chunk[..., None]      # [B, H, S]
-  pos = jnp.minimum(starts[..., None] + jnp.arange(width, dtype=jnp.int32), max_k - 1)
-  ids = jnp.take_along_axis(kv_ids, pos.reshape(b, h, -1), axis=-1)
-  counts = jnp.clip(kv_count[..., None].astype(jnp.int32) - starts, 0, chunk[..., None])
-  return ids.reshape(b, h, splits, width), counts
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "block_k", "num_splits", "sm_scale", "config", "interpret"))
-def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_offset, *,
-                  block_k: int, num_splits: int = 4, sm_scale: float | None = None,
-                  config: Config = Config(), interpret: bool = False):
-  """One new token per row against a KV cache, over its selected blocks, by this
-  forward kernel: the TMA warpgroup streams whole K/V tiles, no per-thread
-  address math. [B, 1, Hq, D] in q.dtype; arguments as decode.sparse_decode.
-
-  Split-K as query tiles: tile i of a kv head holds the G query heads of its
-  group in its first G rows (the rest zero, computed and dropped) and lists
-  slice i of the group's blocks (split_tables), so grid (Hkv, num_splits, B)
-  programs each stream a slice; decode.combine merges the slices by their
-  lse. With one new token every row sees the same keys, those below
-  min(kv_len, max(prefix_len, q_offset + 1)): passing that as both kv_len and
-  prefix_len makes the kernel's causal/prefix mask exact for any offset.
-  """
-  b, m, hq, d = q.shape
-  hkv = k_cache.shape[2]
-  group = hq // hkv
-  if m != 1:
-    raise ValueError(f"mosaic sparse_decode takes one new token per row; got q {q.shape}")
-  check_qkv(q, k_cache, v_cache)
-  if group > TILE_Q:
-    raise ValueError(f"{group=} query heads per kv head must be at most {TILE_Q}")
-  rows = q.reshape(b, hkv, group, d).transpose(0, 2, 1, 3)                 # [B, G, Hkv, D]
-  tiles = jnp.zeros((b, num_splits, TILE_Q, hkv, d), q.dtype)
-  tiles = tiles.at[:, :, :group].set(rows[:, None]).reshape(b, -1, hkv, d)
-  limit = jnp.minimum(jnp.asarray(kv_len, jnp.int32),
-                      jnp.maximum(jnp.asarray(prefix_len, jnp.int32),
-                                  jnp.asarray(q_offset, jnp.int32) + 1))
-  ids, counts = split_tables(kv_ids, kv_count, num_splits)
-  out, lse = sparse_attention_fwd(
-      tiles, k_cache, v_cache, BlockTables(ids, counts, None, None), limit, limit,
-      block_sizes=BlockSizes(TILE_Q, block_k), sm_scale=sm_scale, config=config,
-      interpret=plgpu.InterpretGPUParams() if interpret else None)
-  out = out.reshape(b, num_splits, TILE_Q, hkv, d)[:, :, :group].transpose(0, 3, 1, 2, 4)
-  lse = lse.reshape(b, hkv, num_splits, TILE_Q)[..., :group]
-  merged = decode.combine(out.astype(jnp.float32), lse, axis=2)          # [B, Hkv, G, D]
-  return merged.reshape(b, 1, hq, d).astype(q.dtype)
 
 
 # ------------------------------------------------------------ custom_vjp ---

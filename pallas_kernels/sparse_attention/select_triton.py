@@ -81,14 +81,17 @@ def _write_row_tables(scores, budget, ids_ref, count_ref, *, n_k):
   count_ref[...] = count
 
 
-@functools.partial(jax.jit, static_argnames=('max_k', 'interpret', 'num_warps'))
+@functools.partial(jax.jit, static_argnames=('max_k', 'interpret', 'num_warps', 'padded'))
 def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int, *,
-                       interpret: bool = False, num_warps: int = 4):
+                       interpret: bool = False, num_warps: int = 4, padded: bool = False):
   """block_tables.tables_from_scores(scores, budget, max_k) in one kernel:
   (ids [..., max_k] int32 ascending, padded with the last id; count [...]).
 
   scores [..., nK] (any float dtype; compared in f32, which orders bf16 and
-  f16 exactly); budget broadcasts to scores.shape[:-1]. One program a row.
+  f16 exactly); budget broadcasts to scores.shape[:-1] (a scalar is read by
+  every program, not broadcast by a kernel of its own). One program a row.
+  padded: ids as the kernel writes them, max_k rounded up to a power of two
+  (entries past max_k repeat the last id), not sliced by another kernel.
   """
   # Tables are integers: nothing to differentiate, and a pallas_call has no
   # JVP, so a caller under jax.grad must not trace one through it.
@@ -101,20 +104,26 @@ def tables_from_scores(scores: jax.Array, budget: jax.Array, max_k: int, *,
   width, out_width = pl.next_power_of_2(n_k), pl.next_power_of_2(max_k)
   # Triton blocks have power-of-two sizes: padding columns, never candidates.
   flat = jnp.pad(scores.astype(jnp.float32).reshape(rows, n_k), ((0, 0), (0, width - n_k)))
-  cap = jnp.minimum(jnp.broadcast_to(jnp.asarray(budget, jnp.int32), lead), max_k)
+  cap = jnp.minimum(jnp.asarray(budget, jnp.int32), max_k)
+  if cap.ndim:
+    cap, cap_of = jnp.broadcast_to(cap, lead).reshape(rows), lambda r: (r,)
+  else:
+    cap, cap_of = cap.reshape(1), lambda r: (0,)
   ids, count = pl.pallas_call(
       functools.partial(_row_tables_kernel, n_k=n_k),
       grid=(rows,),
       in_specs=[pl.BlockSpec((None, width), lambda r: (r, 0)),
-                pl.BlockSpec((None,), lambda r: (r,))],
+                pl.BlockSpec((None,), cap_of)],
       out_specs=[pl.BlockSpec((None, out_width), lambda r: (r, 0)),
                  pl.BlockSpec((None,), lambda r: (r,))],
       out_shape=[jax.ShapeDtypeStruct((rows, out_width), jnp.int32),
                  jax.ShapeDtypeStruct((rows,), jnp.int32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
-  )(flat, cap.reshape(rows))
-  return ids[:, :max_k].reshape(*lead, max_k), count.reshape(lead)
+  )(flat, cap)
+  if not padded:
+    ids = ids[:, :max_k]
+  return ids.reshape(*lead, -1), count.reshape(lead)
 
 
 def _pool_keys_kernel(k_ref, kp_ref):

@@ -339,4 +339,4 @@ def test_cache_layout_and_the_decode_flag_is_checked():
   # Kernels with no decode version decode through 'auto'.
   assert [ops.sparse_attention.decode_implementation(k)
           for k in ('mosaic', 'mosaic_persistent', 'tpu', 'triton', 'reference', 'auto')] == \
-      ['auto', 'auto', 'auto', 'triton', 'reference', 'auto']
+      ['mosaic', 'mosaic', 'auto', 'triton', 'reference', 'auto']

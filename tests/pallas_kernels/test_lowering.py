@@ -21,7 +21,8 @@ from jax._src import mesh as mesh_lib
 
 from pallas_kernels.sparse_attention import BlockSizes, BlockTables
 from pallas_kernels.sparse_attention import block_tables as bt
-from pallas_kernels.sparse_attention import decode, mosaic_gpu, select_triton, tpu, triton
+from pallas_kernels.sparse_attention import (decode, mosaic_gpu, mosaic_gpu_decode, select_triton,
+                                             tpu, triton)
 
 H100 = mesh_lib.AbstractDevice(device_kind='NVIDIA H100', num_cores=132, platform='gpu')
 TPU_V5E = mesh_lib.AbstractDevice(device_kind='TPU v5 lite', num_cores=1, platform='tpu')
@@ -89,9 +90,10 @@ CASES = {
     'mosaic_backward_bk128': (_grad(lambda q, k, v, ids, count, *lens: _MOSAIC_128(
         q, k, v, bt.build_block_tables(bt.block_mask_from_tables(ids, count, T // 128)),
         *lens)), QKV + (_aval((B, HKV, N_Q, T // 128), I32), TABLES[1]) + LENS, 'mosaic'),
-    'mosaic_decode': (lambda q, k, v, ids, count, *lens: mosaic_gpu.sparse_decode(
+    'mosaic_decode': (lambda q, k, v, ids, count, *lens: mosaic_gpu_decode.sparse_decode(
         q, k, v, ids, count, *lens, block_k=64),
-        CACHE + (_aval((B, HKV, N_K), I32), _aval((B, HKV), I32)) + DECODE_LENS, 'mosaic'),
+        CACHE + (_aval((B, HKV, N_K), I32), _aval((B, HKV), I32)) + DECODE_LENS,
+        ('mosaic', 'triton')),   # the Mosaic kernel, then the Triton merge
     'triton_forward_backward': (_grad(_with_full_tables(_TRITON)), QKV + TABLES + LENS,
                                 'triton'),
     'triton_decode': (lambda q, k, v, ids, count, *lens: decode.sparse_decode(

@@ -27,13 +27,15 @@ def _int_inputs(seed, b, t, hq, hkv, d):
 def test_fused_selection_equals_the_xla_stage(seq, block_k, prefix):
   """benchmarks/attention.py's `fused` selection (both kernels) gives the
   `top_k` path's tables: causal, a ragged key-block count (6, padded to 8),
-  and a bidirectional prefix."""
+  and a bidirectional prefix; at full budget so do the mask's tables."""
   q, k = _int_inputs(seq, 1, seq, 8, 2, 64)
   visible = budgets.visible_tiles(seq, bench.BQ, block_k, prefix)
   for keep in (0.35, 1.0):
-    want = bench.select_blocks(q, k, keep, visible, block_k, 'top_k')
-    got = bench.select_blocks(q, k, keep, visible, block_k, 'fused')
+    want = bench.select_blocks(q, k, keep, visible, block_k, 'top_k', dense_shortcut=False)
+    got = bench.select_blocks(q, k, keep, visible, block_k, 'fused', dense_shortcut=False)
     assert bench.same_tables(got, want)
+  # Dense mode's tables, the mask's (no scores), are the ones scoring all would give.
+  assert bench.same_tables(bench.select_blocks(q, k, 1.0, visible, block_k, 'fused'), want)
 
 
 def test_pool_keys_is_the_block_max():
@@ -85,11 +87,18 @@ def test_selection_passes_under_grad():
 
 
 def test_a_scalar_budget_broadcasts_over_rows():
+  """Every row reads the one budget (a Python int or a 0-d array); padded, the
+  ids keep the kernel's power-of-two width, each row's last id repeated."""
   scores = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 20))
-  got = select_triton.tables_from_scores(scores, 5, 7, interpret=True)
   want = bt.tables_from_scores(scores, jnp.full((3, 2), 5, jnp.int32), 7)
-  for g, w in zip(got, want):
-    np.testing.assert_array_equal(g, w)
+  for budget in (5, jnp.int32(5)):
+    got = select_triton.tables_from_scores(scores, budget, 7, interpret=True)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)
+  ids, count = bt.tables_from_scores(scores, jnp.int32(5), 7, method='pallas', padded=True)
+  np.testing.assert_array_equal(count, want[1])
+  np.testing.assert_array_equal(ids, jnp.concatenate(
+      [want[0], jnp.repeat(want[0][..., -1:], 1, axis=-1)], axis=-1))
 
 
 @pytest.mark.parametrize('b, h, n_q, n_k, width', [

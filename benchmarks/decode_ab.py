@@ -1,0 +1,120 @@
+"""A/B of the Mosaic decode kernel: this tree's against other versions', in one
+run, inside the whole 65% decode step, per call and chained.
+
+  git show REV:pallas_kernels/sparse_attention/mosaic_gpu_decode.py > /tmp/base_dec.py
+  python benchmarks/decode_ab.py --base /tmp/base_dec.py --decode 8x32768,1x32768 \\
+      --rounds 15 --decode_chain 8 --out DIR
+
+One process, the same inputs, every step timed in alternation
+(timing.time_alternating) with cuDNN's dense decode among them: a step is
+attention.py's decode selection (--select_method's first decode method, its
+block scores against the pooled keys, 65% of the blocks skipped) and a
+version's kernel at its defaults. `new_headmajor` runs this tree's step on the
+same cache laid out head-major (each kv head's blocks contiguous:
+attention.head_major_decode_args). Each step is timed per call and as
+--decode_chain steps chained in one program (attention.chained), per step.
+Reports ms, the ratio to cuDNN's, time over new's, and the output's relative
+error against new's.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import attention  # noqa: E402
+from benchmarks import kernel_ab  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
+from pallas_kernels.sparse_attention import mosaic_gpu_decode  # noqa: E402
+
+_HEAD_MAJOR = flags.DEFINE_bool('head_major', True, 'also time new_headmajor')
+
+
+def step_with(module, method, budget, block_k):
+  """jitted (q, k, v, pooled, kv_len, prefix_len, q_offset) -> out: the
+  selection, then `module`'s kernel."""
+  interpret = jax.default_backend() == 'cpu'   # a smoke run: the GPU interpreter
+
+  def step(q, k, v, pooled, *lens):
+    ids, count = attention.decode_tables(q, pooled, budget, method)
+    return module.sparse_decode(q, k, v, ids, count, *lens, block_k=block_k,
+                                interpret=interpret)
+  return jax.jit(step)
+
+
+def bench(batch, cache, bases):
+  block_k = 64
+  q, kc, vc, lens = attention.decode_inputs(batch, cache)
+  pooled = jax.jit(attention.pool_keys, static_argnums=1)(kc, block_k)
+  budget = attention.decode_budget(0.65, cache // block_k)
+  method = next((m for m in attention._SELECT_METHODS.value if m in bt.SELECT_METHODS),
+                'top_k')
+  args = (q, kc, vc, pooled, *lens)
+  steps = {name: step_with(module, method, budget, block_k)
+           for name, module in {'new': mosaic_gpu_decode, **bases}.items()}
+  want = np.asarray(steps['new'](*args), np.float32)
+  row = dict(batch=batch, cache=cache, select=method, rel_err={})
+  for name, step in steps.items():
+    row['rel_err'][name] = attention.rel_err(step(*args), want)
+  if jax.default_backend() == 'gpu':
+    steps['cudnn'] = jax.jit(lambda q, k, v, kp, kv_len, *_: jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn'))
+  hkv = kc.shape[2]
+  chain = attention._DECODE_CHAIN.value or 8
+  row['chain'] = chain
+  rounds, iters = kernel_ab._ROUNDS.value, attention._ITERS.value
+  row['ms'] = timing.time_alternating(steps, *args, rounds=rounds, iters=iters)
+  row['chain_ms'] = {n: ms / chain for n, ms in timing.time_alternating(
+      {n: attention.chained(s, chain) for n, s in steps.items()}, *args,
+      rounds=rounds, iters=iters).items()}
+  if _HEAD_MAJOR.value:
+    head_major = attention.head_major_decode_args(*args, hkv=hkv)
+    hm = steps['new']
+    repeats = attention._REPEATS.value
+    row['ms']['new_headmajor'] = timing.time_ms(hm, *head_major, iters=iters, repeats=repeats)
+    row['chain_ms']['new_headmajor'] = timing.time_ms(
+        attention.chained(hm, chain), *head_major, iters=iters, repeats=repeats) / chain
+    out = np.asarray(hm(*head_major), np.float32).reshape(batch, hkv, 1, -1, q.shape[-1])
+    row['rel_err']['new_headmajor'] = attention.rel_err(
+        out.transpose(0, 2, 1, 3, 4).reshape(q.shape), want)
+  for key in ('ms', 'chain_ms'):
+    base = row[key].get('cudnn')
+    row[key + '_ratio'] = {n: base / ms for n, ms in row[key].items()} if base else {}
+    row[key + '_over_new'] = {n: ms / row[key]['new'] for n, ms in row[key].items()}
+  print(json.dumps(row))
+  return row
+
+
+def markdown(rows, env):
+  lines = [f"{env['device']}, jax {env['jax']}, {env['date']}; one decode step at 65% "
+           f"sparsity (selection `{rows[0]['select']}` inside), median of "
+           f"{kernel_ab._ROUNDS.value} alternating batches (new_headmajor timed after "
+           "them): ms per call and per step of a chain (speed-up over cuDNN's; time over "
+           "new's; output rel. err against new's)", '',
+           '| batch x cache | path | per call | chained |', '| --- | --- | --- | --- |']
+  for r in rows:
+    for n in r['ms']:
+      cells = [f"{r[k][n]:.4f} ({r[k + '_ratio'].get(n, float('nan')):.2f}x; "
+               f"{r[k + '_over_new'][n]:.3f})" for k in ('ms', 'chain_ms')]
+      err = r['rel_err'].get(n)
+      lines.append(f"| {r['batch']} x {r['cache']} | {n}"
+                   + (f' (err {err:.1e})' if err is not None else '') + ' | '
+                   + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(_):
+  bases = kernel_ab.load_bases(kernel_ab._BASE.value or [], ('sparse_decode',),
+                               'mosaic_gpu_decode.py')
+  kernel_ab.report('decode_ab', lambda: [bench(*map(int, spec.split('x')), bases)
+                                         for spec in attention._DECODE.value], markdown)
+
+
+if __name__ == '__main__':
+  app.run(main)
