@@ -204,6 +204,17 @@ def _own_rows(x, group, per_window):
   return jnp.stack(own, axis=2).reshape(b, hkv, *own[0].shape[2:])
 
 
+def _smem_bytes(block_k, head_dim, num_stages, itemsize):
+  return (ROWS + 2 * num_stages * block_k) * head_dim * itemsize
+
+
+def default_stages(block_k, head_dim, itemsize=2):
+  """Ring slots by default: 6 (at block_k 64, head dim 128, 4 and 6 timed
+  alike on an H200), fewer where 6 do not fit, even."""
+  fits = [n for n in (6, 4, 2) if _smem_bytes(block_k, head_dim, n, itemsize) <= SMEM_BYTES]
+  return fits[0] if fits else 2
+
+
 def check_config(block_k, head_dim, num_stages, itemsize=2):
   """Raises ValueError naming the option that does not fit."""
   if block_k not in (64, 128):
@@ -213,15 +224,16 @@ def check_config(block_k, head_dim, num_stages, itemsize=2):
   if num_stages < 2 or num_stages % 2:
     raise ValueError(f"mosaic sparse_decode: num_stages={num_stages} must be even and >= 2 "
                      "(each warpgroup owns half the ring's slots)")
-  smem = (ROWS + 2 * num_stages * block_k) * head_dim * itemsize
+  smem = _smem_bytes(block_k, head_dim, num_stages, itemsize)
   if smem > SMEM_BYTES:
     raise ValueError(f"mosaic sparse_decode: num_stages={num_stages} needs {smem} bytes "
                      f"of shared memory at block_k={block_k}, head_dim={head_dim}; "
                      f"there are {SMEM_BYTES}")
 
 
-def unsupported(q, k_cache, block_k, num_stages=6) -> str | None:
-  """Why this kernel cannot take these shapes (None: it can)."""
+def unsupported(q, k_cache, block_k, num_stages=None) -> str | None:
+  """Why this kernel cannot take these shapes (None: it can); num_stages
+  None: default_stages."""
   _, m, hq, d = q.shape
   if m != 1:
     return f"mosaic sparse_decode takes one new token per row; got q {q.shape}"
@@ -233,7 +245,8 @@ def unsupported(q, k_cache, block_k, num_stages=6) -> str | None:
     return (f"mosaic sparse_decode: cache length {k_cache.shape[1]} must be a multiple of "
             f"{block_k=}")
   try:
-    check_config(block_k, d, num_stages, q.dtype.itemsize)
+    check_config(block_k, d, num_stages or default_stages(block_k, d, q.dtype.itemsize),
+                 q.dtype.itemsize)
   except ValueError as e:
     return str(e)
   return None
@@ -242,7 +255,7 @@ def unsupported(q, k_cache, block_k, num_stages=6) -> str | None:
 @functools.partial(jax.jit, static_argnames=(
     "block_k", "num_splits", "num_stages", "sm_scale", "interpret"))
 def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_offset, *,
-                  block_k: int, num_splits: int = 0, num_stages: int = 6,
+                  block_k: int, num_splits: int = 0, num_stages: int | None = None,
                   sm_scale: float | None = None, interpret: bool = False):
   """Decode attention over the selected cache blocks, one new token a row.
 
@@ -250,7 +263,8 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
   ascending or not, kv_count [B, Hkv]; kv_len, prefix_len, q_offset int [B]
   (decode.sparse_decode's arguments). Returns [B, 1, Hq, D] in q.dtype; a row
   with no visible key outputs 0. num_splits: slices a list is cut into (0:
-  about CTAS CTAs in all); num_stages: K/V ring slots, even.
+  about CTAS CTAs in all); num_stages: K/V ring slots, even (None:
+  default_stages).
   """
   b, _, hq, d = q.shape
   hkv = k_cache.shape[2]
@@ -262,6 +276,7 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
     raise ValueError(f"mosaic sparse_decode: {kv_ids.shape=} / {kv_count.shape=} must be "
                      f"(B, Hkv, max_k) / (B, Hkv) with (B, Hkv)={(b, hkv)}")
   num_splits = num_splits or default_splits(b * hkv, kv_ids.shape[-1])
+  num_stages = num_stages or default_stages(block_k, d, q.dtype.itemsize)
   q_rows, window, per_window = _q_windows(q, hkv)
   st = _Static(block_k=block_k, num_stages=num_stages, num_splits=num_splits,
                scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, dtype=q.dtype,

@@ -220,15 +220,16 @@ def test_bad_input_names_the_problem(what, kwargs, match):
         d_out, block_sizes=kwargs.get('sizes', BlockSizes(128, 64)), interpret=True)
 
 
-def _assert_same_grads(x, base_config, config):
-  """Bit-identical (dq, dk, dv) under two Configs."""
+def _assert_same_grads(x, base_config, *configs):
+  """Bit-identical (dq, dk, dv) under base_config and each of configs."""
   # Wait for each run: the interpreter dispatches JAX ops from its callback
   # threads, and eager ops issued on this thread meanwhile can deadlock with them.
   base = jax.block_until_ready(_grads(x, config=base_config)[0])
-  got = jax.block_until_ready(_grads(x, config=config)[0])
-  for n, a, b in zip('qkv', base, got):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                  f'd{n} under {config}')
+  for config in configs:
+    got = jax.block_until_ready(_grads(x, config=config)[0])
+    for n, a, b in zip('qkv', base, got):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                    f'd{n} under {config}')
 
 
 def test_deeper_dq_ring_computes_the_same_grads():
@@ -266,9 +267,9 @@ def test_longest_first_is_a_stable_descending_argsort(n):
 def test_dkv_launch_order_changes_no_gradient():
   """Each dk/dv CTA sums its own key block's gradients: the order it launches
   in (Config.dkv_order) cannot change them. Two kv heads, two key blocks."""
-  x = _inputs(CASES['random_ragged_mha_bk128'])
-  for order in ('sink_first', 'longest_first', 'blocks_ascending'):
-    _assert_same_grads(x, mosaic_gpu_backward.Config(dkv_order='heads_slowest'),
-                       mosaic_gpu_backward.Config(dkv_order=order))
+  _assert_same_grads(_inputs(CASES['random_ragged_mha_bk128']),
+                     mosaic_gpu_backward.Config(dkv_order='heads_slowest'),
+                     *(mosaic_gpu_backward.Config(dkv_order=order)
+                       for order in ('sink_first', 'longest_first', 'blocks_ascending')))
   with pytest.raises(ValueError, match="dkv_order='diagonal'"):
     mosaic_gpu_backward.Config(dkv_order='diagonal')
