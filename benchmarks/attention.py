@@ -549,6 +549,19 @@ def decode_budget(sparsity, n_k):
   return max(2, int(np.ceil((1 - sparsity) * n_k)))
 
 
+def decode_select_methods():
+  """--select_method's entries a decode step can use, in order (it scores its
+  blocks itself: the tables_from_scores methods only); ['top_k'] if none."""
+  return [m for m in _SELECT_METHODS.value if m in bt.SELECT_METHODS] or ['top_k']
+
+
+@jax.jit
+def cudnn_decode(q, k, v, kv_len):
+  """cuDNN's dense decode: q [B, M, Hq, D] against the cache's first kv_len keys."""
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
+                                      implementation='cudnn')
+
+
 def decode_tables(q, pooled, budget, method='top_k'):
   """The timed selection of a decode step: the group's mean query against the
   pooled keys, the first and last blocks forced, `budget` blocks a row."""
@@ -573,15 +586,13 @@ def bench_decode(batch, cache, block_k=64, new=1):
   kv_len = lens[0]
   n_k = cache // block_k
   res = dict(batch=batch, cache=cache, block_k=block_k, ms={})
-  dense = jax.jit(lambda q, k, v, kv_len: jax.nn.dot_product_attention(
-      q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn'))
+  dense = cudnn_decode
   res['ms']['cudnn'] = time_ms(dense, q, kc, vc, kv_len)
   res['ms']['xla'] = time_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, implementation='xla')), q, kc, vc)
 
   pooled = jax.jit(pool_keys, static_argnums=1)(kc, block_k)
-  # A decode step scores its blocks itself: the tables_from_scores methods only.
-  methods = [m for m in _SELECT_METHODS.value if m in bt.SELECT_METHODS] or ['top_k']
+  methods = decode_select_methods()
   res['select'] = methods[0]
 
   def select(budget, method=methods[0]):

@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
 from benchmarks import kernel_ab  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu_decode  # noqa: E402
 
 _HEAD_MAJOR = flags.DEFINE_bool('head_major', True, 'also time new_headmajor')
@@ -53,8 +52,7 @@ def bench(batch, cache, bases):
   q, kc, vc, lens = attention.decode_inputs(batch, cache)
   pooled = jax.jit(attention.pool_keys, static_argnums=1)(kc, block_k)
   budget = attention.decode_budget(0.65, cache // block_k)
-  method = next((m for m in attention._SELECT_METHODS.value if m in bt.SELECT_METHODS),
-                'top_k')
+  method = attention.decode_select_methods()[0]
   args = (q, kc, vc, pooled, *lens)
   steps = {name: step_with(module, method, budget, block_k)
            for name, module in {'new': mosaic_gpu_decode, **bases}.items()}
@@ -63,8 +61,8 @@ def bench(batch, cache, bases):
   for name, step in steps.items():
     row['rel_err'][name] = attention.rel_err(step(*args), want)
   if jax.default_backend() == 'gpu':
-    steps['cudnn'] = jax.jit(lambda q, k, v, kp, kv_len, *_: jax.nn.dot_product_attention(
-        q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn'))
+    steps['cudnn'] = jax.jit(lambda q, k, v, kp, kv_len, *_: attention.cudnn_decode(
+        q, k, v, kv_len))
   hkv = kc.shape[2]
   chain = attention._DECODE_CHAIN.value or 8
   row['chain'] = chain

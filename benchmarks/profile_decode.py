@@ -91,8 +91,7 @@ def main(_):
   cutoff = jnp.full(scores.shape[:-1], budget - 2, jnp.int32)
   mosaic = attention.mosaic_decode_kernel(_MOSAIC.value, bk)
   paths = {
-      'cudnn': (jax.jit(lambda q, k, v, kv_len: jax.nn.dot_product_attention(
-          q, k, v, key_value_seq_lengths=kv_len, implementation='cudnn')), (q, kc, vc, kv_len)),
+      'cudnn': (attention.cudnn_decode, (q, kc, vc, kv_len)),
       'tables': (jax.jit(lambda q, k, v, i, c, *lens: decode.sparse_decode(
           q, k, v, i, c, *lens, block_k=bk)), (q, kc, vc, ids, count, *lens)),
       'fused': (jax.jit(lambda q, k, v, sc, cu, *lens: decode.sparse_decode_scored(
