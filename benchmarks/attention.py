@@ -42,12 +42,13 @@ FLAGS = flags.DEFINE_string('out', '/tmp/attention_bench', 'output folder')
 _SEQS = flags.DEFINE_list('seqs', ['2048', '4096', '8192', '16384', '32768'], 'sequence lengths')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.5', '0.65', '0.8'], 'block sparsities')
 _SELECT_METHODS = flags.DEFINE_list(
-    'select_method', ['fused', 'pallas', 'top_k', 'rank'], 'forward: how the tables are built: '
-    '`fused`, the whole selection in select_triton\'s two kernels (the fastest end to end on '
-    'the H200, docs/results.md), or from XLA\'s block scores by a block_tables.'
-    'tables_from_scores method; decode uses the first of those. The first is used everywhere '
-    'under the usual keys; at 65% every other one is also timed end-to-end and selection '
-    'alone: keys ours_s65_<method>, ours_s65_select_<method>')
+    'select_method', ['fused', 'pallas', 'top_k', 'rank'], 'how the tables are built: '
+    '`fused`, the whole selection in select_triton\'s kernels (forward: two, the fastest end '
+    'to end on the H200, docs/results.md; decode: one, decode_tables), or from XLA\'s block '
+    'scores by a block_tables.tables_from_scores method. The first is used everywhere under '
+    'the usual keys (decode: in decode_select_methods\' order); at 65% every other one is '
+    'also timed end-to-end (forward: and selection alone): keys ours_s65_<method>, '
+    'ours_s65_select_<method>, ours_mosaic_s65_<spec>_<method>')
 flags.register_validator(
     'select_method', lambda ms: bool(ms) and set(ms) <= {*bt.SELECT_METHODS, 'fused'},
     f'--select_method: a list of {(*bt.SELECT_METHODS, "fused")}')
@@ -550,9 +551,14 @@ def decode_budget(sparsity, n_k):
 
 
 def decode_select_methods():
-  """--select_method's entries a decode step can use, in order (it scores its
-  blocks itself: the tables_from_scores methods only); ['top_k'] if none."""
-  return [m for m in _SELECT_METHODS.value if m in bt.SELECT_METHODS] or ['top_k']
+  """--select_method in a decode step's order: the tables_from_scores methods
+  first (the step takes the first), then `fused`, first only where it is the
+  only one (`--select_method fused`). decode_tables' one-kernel `fused` took
+  17.7 us under Nsight Compute at batch 8, cache 32k, the three kernels of XLA's
+  scores and `pallas` tables 17.5 (its 32 programs score 512 blocks each at 255
+  registers a thread; chained steps 0.0701 against 0.0661 ms; H200,
+  docs/results.md), so by default it is timed, not taken."""
+  return sorted(_SELECT_METHODS.value, key=lambda m: m == 'fused')   # a stable sort
 
 
 @jax.jit
@@ -564,14 +570,25 @@ def cudnn_decode(q, k, v, kv_len):
 
 def decode_tables(q, pooled, budget, method='top_k'):
   """The timed selection of a decode step: the group's mean query against the
-  pooled keys, the first and last blocks forced, `budget` blocks a row."""
+  pooled keys, the first and last blocks forced, `budget` blocks a row.
+  method: a tables_from_scores method on XLA's scores (an einsum and the
+  forcing, two kernels, then the tables), or `fused`: all of it in one kernel
+  (select_triton.score_tables, one program a (batch, kv head), the new tokens
+  as its query tile). The same tables up to the scores' summation order."""
+  n_k = pooled.shape[1]
+  first_or_last = (np.arange(n_k) == 0) | (np.arange(n_k) == n_k - 1)
+  if method == 'fused':
+    b, m = q.shape[:2]
+    rule = np.where(first_or_last, select_triton.FORCED, select_triton.CANDIDATE)[None]
+    ids, count = select_triton.score_tables(
+        q, pooled, jnp.asarray(rule, jnp.int8), jnp.full((1,), budget, jnp.int32), budget,
+        block_q=m, rows_per_load=m, padded=True, interpret=jax.default_backend() == 'cpu')
+    return ids.reshape(b, pooled.shape[2], -1), count.reshape(b, -1)
   scores = decode_scores(q, pooled)
-  n_k = scores.shape[-1]
-  forced = (jnp.arange(n_k) == 0) | (jnp.arange(n_k) == n_k - 1)
   # One budget for every row, a scalar (no broadcast kernel); the kernels read
   # a table row up to its count, so a padded width saves the slice.
-  return bt.tables_from_scores(jnp.where(forced, jnp.inf, scores), jnp.int32(budget), budget,
-                               method=method, padded=True)
+  return bt.tables_from_scores(jnp.where(first_or_last, jnp.inf, scores), jnp.int32(budget),
+                               budget, method=method, padded=True)
 
 
 def bench_decode(batch, cache, block_k=64, new=1):

@@ -1,11 +1,12 @@
 """GPU check of the model's sparse decode seam: ops.sparse_attention.sparse_decode
 with implementation 'auto' (on Hopper: the Mosaic kernel, mosaic_gpu_decode),
 'mosaic' and 'triton' against 'reference', one new token, a prefix-LM mask with
-ragged lengths, for a few head layouts and key blocks. Writes
-$OUT/check_decode_ops.json: each output's relative error against the
-reference's, and whether 'auto' lowered to a Mosaic GPU kernel.
+ragged lengths, for a few head layouts and key blocks; then the whole model's
+decode loop (check_model). Writes $OUT/check_decode_ops.json: each output's
+relative error against the reference's, and whether 'auto' lowered to a
+Mosaic GPU kernel.
 
-  python benchmarks/check_decode_ops.py
+  python benchmarks/check_decode_ops.py [--model_only]
 """
 
 import json
@@ -15,14 +16,19 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import flash  # noqa: E402
+from flashmm_jax import models  # noqa: E402
 from flashmm_jax import ops  # noqa: E402
+from flashmm_jax.models import decode  # noqa: E402
 from flashmm_jax.ops.attention import MaskSpec  # noqa: E402
 from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 
 # (batch, query heads, kv heads, cache length, head dim, block_k)
-SHAPES = [(2, 16, 4, 4096, 128, 64), (3, 8, 8, 2048, 64, 128), (2, 32, 4, 4096, 128, 64)]
+SHAPES = [(2, 16, 4, 4096, 128, 64), (3, 8, 8, 2048, 64, 128), (2, 32, 4, 4096, 128, 64),
+          (2, 16, 4, 4096, 128, 128)]   # block_k 128 at head dim 128: 2 ring slots
 IMPLS = ('reference', 'auto', 'mosaic', 'triton')
 
 
@@ -48,11 +54,66 @@ def check(b, hq, hkv, s, d, bk):
   return row
 
 
+def model_config(kernel, image_size, size='small'):
+  """`size` with its sparse gate deciding decode steps too (model.sparse.decode)
+  through `kernel`, random weights, at image_size px (256: 1024 image tokens)."""
+  c = flash.get_config(f'{size},sparse')
+  c.data.image_size = image_size
+  # The Mosaic kernels' tiles (SPARSE_BLOCKS' small ones would take Triton's).
+  c.model.sparse.update(kernel=kernel, decode=True, block_q=128, block_k=64)
+  return c
+
+
+def check_model(batch=4, steps=12, image_size=256, size='small'):
+  """The whole model's decode loop, prefill and `steps` one-token steps, with
+  model.sparse.kernel 'auto' and 'reference' on the same weights. The gate
+  selects in XLA in both, so only the attention kernels differ. Both take the
+  reference's greedy tokens (teacher forcing), so one near-tie cannot fork the
+  runs: each step's logits against the reference's, the share of steps whose
+  argmax agrees, and whether 'auto's step lowered to a Mosaic GPU kernel."""
+  rng = np.random.default_rng(0)
+  c = model_config('reference', image_size, size)
+  image = jnp.asarray(rng.integers(0, 256, (batch, image_size, image_size, 3)), jnp.uint8)
+  length = c.data.max_text_len
+  text = jnp.asarray(rng.integers(2, c.model.lm.vocab_size, (batch, length)), jnp.int32)
+  prefix_len = jnp.asarray(rng.integers(length // 2, length, batch), jnp.int32)
+  params = nnx.state(models.FlashMM(c.model, image_size, rngs=nnx.Rngs(0)), nnx.Param)
+  logits, lowered = {}, {}
+  for kernel in ('reference', 'auto'):
+    config = model_config(kernel, image_size, size)
+    model = models.FlashMM(config.model, image_size, rngs=nnx.Rngs(0))
+    nnx.update(model, params)
+    graphdef, state = nnx.split(model)
+    prefill = jax.jit(lambda state, *a: decode._prefill(nnx.merge(graphdef, state), *a))
+    step = jax.jit(lambda state, *a: decode._step(nnx.merge(graphdef, state), *a))
+    n = model.num_image_tokens
+    cache = models.init_cache(model, batch, n + length + steps)
+    out, cache = prefill(state, image, text, prefix_len, cache)
+    every, prefix = [out], n + prefix_len
+    for t in range(steps):
+      fed = logits['reference'][t] if logits else out   # auto: the reference's tokens
+      token = jnp.argmax(fed, -1).astype(jnp.int32)
+      args = (state, token, prefix + t, prefix, cache)
+      if t == 0:
+        lowered[kernel] = 'mosaic_gpu' in step.lower(*args).as_text()
+      out, cache = step(*args)
+      every.append(out)
+    logits[kernel] = np.asarray(jnp.stack(every), np.float32)
+  want, got = logits['reference'], logits['auto']
+  return dict(batch=batch, steps=steps, image_size=image_size, cache=int(cache[0]['k'].shape[1]),
+              logits_rel_err=float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+              argmax_agree=float((got.argmax(-1) == want.argmax(-1)).mean()),
+              auto_step_is_mosaic=lowered['auto'], reference_step_is_mosaic=lowered['reference'])
+
+
 def main():
   res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__)
-  for shape in SHAPES:
-    res['x'.join(map(str, shape))] = row = check(*shape)
-    print(shape, row, flush=True)
+  if '--model_only' not in sys.argv:
+    for shape in SHAPES:
+      res['x'.join(map(str, shape))] = row = check(*shape)
+      print(shape, row, flush=True)
+  res['model'] = check_model()
+  print('model', res['model'], flush=True)
   with open(os.path.join(os.environ.get('OUT', '.'), 'check_decode_ops.json'), 'w') as f:
     json.dump(res, f, indent=1)
 

@@ -24,8 +24,8 @@ kernel with the selection fused in), mosaic (the Mosaic kernel, --mosaic
 SPLITSxSTAGES). Tables and scores are made outside the profiled range, as the
 `_kernel` timings of benchmarks/attention.py make them; the glue a kernel needs
 around it (tiles, split tables, the splits' merge) is inside. mosaic_step: the
-whole step, the selection (its scores and one-kernel tables, method `pallas`)
-inside too.
+whole step, the selection (attention.decode_tables by
+attention.decode_select_methods' first) inside too.
 """
 
 import ctypes
@@ -90,6 +90,7 @@ def main(_):
   scores = attention.decode_scores(q, pooled)
   cutoff = jnp.full(scores.shape[:-1], budget - 2, jnp.int32)
   mosaic = attention.mosaic_decode_kernel(_MOSAIC.value, bk)
+  method = attention.decode_select_methods()[0]
   paths = {
       'cudnn': (attention.cudnn_decode, (q, kc, vc, kv_len)),
       'tables': (jax.jit(lambda q, k, v, i, c, *lens: decode.sparse_decode(
@@ -99,7 +100,7 @@ def main(_):
                 (q, kc, vc, scores, cutoff, *lens)),
       'mosaic': (mosaic, (q, kc, vc, ids, count, *lens)),
       'mosaic_step': (jax.jit(lambda q, k, v, kp, *lens: mosaic(
-          q, k, v, *attention.decode_tables(q, kp, budget, 'pallas'), *lens)),
+          q, k, v, *attention.decode_tables(q, kp, budget, method), *lens)),
                       (q, kc, vc, pooled, *lens)),
   }
   run_profiled({name: paths[name] for name in _PATHS.value})

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import cpu_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config=configs/flash.py:tiny', '--config.train.total_steps=4',
         '--config.train.batch_size=8', '--config.train.warmup_steps=1',
@@ -17,7 +19,7 @@ TINY = ['--config=configs/flash.py:tiny', '--config.train.total_steps=4',
 
 
 def run(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=cpu_flags.FAST_COMPILE)
   return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
 

@@ -38,6 +38,18 @@ def test_fused_selection_equals_the_xla_stage(seq, block_k, prefix):
   assert bench.same_tables(bench.select_blocks(q, k, 1.0, visible, block_k, 'fused'), want)
 
 
+@pytest.mark.parametrize('new, n_k, budget', [(1, 16, 6), (4, 12, 5), (1, 8, 8)])
+def test_fused_decode_selection_equals_the_xla_one(new, n_k, budget):
+  """A decode step's `fused` tables (one kernel) are the `top_k` path's: one
+  or four new tokens, a ragged block count (12, padded to 16), all blocks."""
+  q, _ = _int_inputs(new, 2, new, 8, 2, 64)
+  _, pooled = _int_inputs(n_k, 2, n_k, 8, 2, 64)
+  want = bench.decode_tables(q, pooled, budget, 'top_k')
+  got = bench.decode_tables(q, pooled, budget, 'fused')
+  assert bench.same_tables(bt.BlockTables(*got, None, None), bt.BlockTables(*want, None, None))
+  assert (np.asarray(got[1]) == budget).all() and (np.asarray(got[0])[..., 0] == 0).all()
+
+
 def test_pool_keys_is_the_block_max():
   _, k = _int_inputs(1, 2, 256, 4, 2, 32)
   kp = select_triton.pool_keys(k, block_k=32, interpret=True)

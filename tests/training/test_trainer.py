@@ -28,7 +28,8 @@ def params_of(t):
 
 
 def test_loss_falls_clearly_in_a_short_run(tmp_path):
-  c = tiny_config(total_steps=120, warmup_steps=10, log_every=20, ckpt_every=120, lr=3e-3,
+  # The first 10 steps' mean loss against the last 10's (0.17x at 60 steps).
+  c = tiny_config(total_steps=40, warmup_steps=5, log_every=10, ckpt_every=40, lr=3e-3,
                   batch_size=16)
   history = trainer.Trainer(c, str(tmp_path), mesh=one_device_mesh(c)).run()
   first, last = history[0][1]['loss'], history[-1][1]['loss']
