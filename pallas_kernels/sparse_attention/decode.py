@@ -143,13 +143,8 @@ def _merge_window_kernel(out_ref, lse_ref, o_ref, *, group, per_window):
   """combine over the partials [P, W, D] of one (batch, kv head), its own G
   rows: window rows (h % per_window) * G + [0, G)."""
   rows = pl.ds(lax.rem(pl.program_id(1), per_window) * group, group)
-  lse = lse_ref[:, rows]                                       # [P, G]
-  top = jnp.max(lse, axis=0)
-  top = jnp.where(top > -jnp.inf, top, 0.0)
-  weight = jnp.exp(lse - top[None])                            # 0 where -inf
-  total = jnp.sum(weight, axis=0)
-  merged = jnp.sum(weight[:, :, None] * out_ref[:, rows, :].astype(jnp.float32), axis=0)
-  o_ref[...] = (merged / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
+  merged = combine(out_ref[:, rows, :].astype(jnp.float32), lse_ref[:, rows], axis=0)
+  o_ref[...] = merged.astype(o_ref.dtype)
 
 
 def merge_windows(out, lse, *, group, per_window, dtype, interpret=False):

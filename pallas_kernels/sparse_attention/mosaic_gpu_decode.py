@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.sparse_attention import decode
 from pallas_kernels.sparse_attention.block_tables import check_qkv
 from pallas_kernels.sparse_attention.mosaic_gpu_backward import (
-    COMPUTE_REGS, MEMORY_REGS, _dot_t, _mma, _transforms, _zeros)
+    COMPUTE_REGS, _dot_t, _mma, _stream, _transforms, _zeros)
 
 ROWS = 64             # the query tile: one wgmma M tile
 COMPUTE_WGS = 2
@@ -74,32 +74,19 @@ def _slice_of(count, split, splits):
 
 
 def _memory_wg(q_ref, k_ref, v_ref, ids_ref, row, lo, n, scratch, st: _Static):
-  """The query tile, then the slice's n blocks into the ring, in list order."""
-  q_smem, k_smem, v_smem, (q_bar, k_bar, v_bar), (k_done, v_done), _ = scratch
-  plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+  """The query tile, then the slice's n blocks into the ring, in list order
+  (mosaic_gpu_backward._stream: a slot is refilled once the warpgroup that
+  reads it released its K and V)."""
+  q_smem, k_smem, v_smem, (q_bar, k_bar, v_bar), done, _ = scratch
   b, h = lax.axis_index("batch"), lax.axis_index("head")
   plgpu.copy_gmem_to_smem(q_ref.at[b, lax.div(h, st.per_window)],
                           q_smem.at[pl.ds(0, st.window)], q_bar)
 
-  @pl.loop(0, n)
-  def _(j):
-    slot = lax.rem(j, st.num_stages)
-    kb = ids_ref[row + lo + j]   # load before the waits: hides its latency
-
-    @pl.when(j >= st.num_stages)
-    def _():
-      plgpu.barrier_wait(k_done.at[slot])
-      plgpu.barrier_wait(v_done.at[slot])
+  def fetch(kb, slot):
     rows = (b, pl.ds(kb * st.block_k, st.block_k), h)
     plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-
-  # Every barrier phase is waited on before the CTA ends (the interpreter
-  # checks this; it costs nothing here).
-  @pl.loop(jnp.maximum(n - st.num_stages, 0), n)
-  def _(j):
-    plgpu.barrier_wait(k_done.at[lax.rem(j, st.num_stages)])
-    plgpu.barrier_wait(v_done.at[lax.rem(j, st.num_stages)])
+  _stream(n, lambda j: ids_ref[row + lo + j], fetch, done, st.num_stages)
 
 
 def _compute_wg(ids_ref, out_ref, lse_ref, row, lo, n, limit, scratch, st: _Static):
