@@ -99,17 +99,17 @@ def check_model(batch=4, steps=12, image_size=256, size='small'):
   'auto' attention against 'xla': the gap two correct kernels leave in this
   bf16 model. Per pair: the logits' relative error, the share of positions
   whose argmax agrees, and which prefill / step lowered to Mosaic GPU kernels."""
+  pairs = {'sparse': (model_config(size, image_size, 'reference'),
+                      model_config(size, image_size, 'auto')),
+           'dense': (model_config(size, image_size, 'reference', False, 'xla'),
+                     model_config(size, image_size, 'reference', False, 'auto'))}
   rng = np.random.default_rng(0)
-  c = model_config(size, image_size, 'reference')
+  c = pairs['sparse'][0]
   length, vocab = c.data.max_text_len, c.model.lm.vocab_size
   inputs = (jnp.asarray(rng.integers(0, 256, (batch, image_size, image_size, 3)), jnp.uint8),
             jnp.asarray(rng.integers(2, vocab, (batch, length)), jnp.int32),
             jnp.asarray(rng.integers(length // 2, length, batch), jnp.int32))
   res = dict(batch=batch, steps=steps, image_size=image_size)
-  pairs = {'sparse': (model_config(size, image_size, 'reference'),
-                      model_config(size, image_size, 'auto')),
-           'dense': (model_config(size, image_size, 'reference', False, 'xla'),
-                     model_config(size, image_size, 'reference', False, 'auto'))}
   for name, (ref_config, config) in pairs.items():
     params = nnx.state(models.FlashMM(ref_config.model, image_size, rngs=nnx.Rngs(0)), nnx.Param)
     want, want_lowered = teacher_forced(ref_config, params, inputs, steps)
