@@ -38,20 +38,24 @@ from pallas_kernels.sparse_attention import reference  # noqa: E402
 from pallas_kernels.sparse_attention import select_triton  # noqa: E402
 from pallas_kernels.sparse_attention import triton  # noqa: E402
 
+# Selection methods only a decode step has (decode_tables).
+DECODE_ONLY = ('ranked',)
 FLAGS = flags.DEFINE_string('out', '/tmp/attention_bench', 'output folder')
 _SEQS = flags.DEFINE_list('seqs', ['2048', '4096', '8192', '16384', '32768'], 'sequence lengths')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.5', '0.65', '0.8'], 'block sparsities')
 _SELECT_METHODS = flags.DEFINE_list(
-    'select_method', ['fused', 'pallas', 'top_k', 'rank'], 'how the tables are built: '
-    '`fused`, the whole selection in select_triton\'s kernels (forward: two, the fastest end '
-    'to end on the H200, docs/results.md; decode: one, decode_tables), or from XLA\'s block '
-    'scores by a block_tables.tables_from_scores method. The first is used everywhere under '
-    'the usual keys (decode: in decode_select_methods\' order); at 65% every other one is '
-    'also timed end-to-end (forward: and selection alone): keys ours_s65_<method>, '
-    'ours_s65_select_<method>, ours_mosaic_s65_<spec>_<method>')
+    'select_method', ['fused', 'pallas', 'top_k', 'rank', 'ranked'], 'how the tables are '
+    'built: `fused`, the whole selection in select_triton\'s kernels (forward: two, the '
+    'fastest end to end on the H200, docs/results.md; decode: one, decode_tables), from '
+    'XLA\'s block scores by a block_tables.tables_from_scores method, or (decode only) '
+    '`ranked`: select_triton.decode_ranked_tables. The first is used everywhere under the '
+    'usual keys (forward: the first but `ranked`; decode: in decode_select_methods\' order); '
+    'at 65% every other one is also timed end-to-end (forward: and selection alone): keys '
+    'ours_s65_<method>, ours_s65_select_<method>, ours_mosaic_s65_<spec>_<method>')
 flags.register_validator(
-    'select_method', lambda ms: bool(ms) and set(ms) <= {*bt.SELECT_METHODS, 'fused'},
-    f'--select_method: a list of {(*bt.SELECT_METHODS, "fused")}')
+    'select_method',
+    lambda ms: bool(ms) and set(ms) <= {*bt.SELECT_METHODS, 'fused', *DECODE_ONLY},
+    f'--select_method: a list of {(*bt.SELECT_METHODS, "fused", *DECODE_ONLY)}')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'batch x seq')
 _HEADS = flags.DEFINE_integer('heads', 16, 'query heads')
 _KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'key/value heads')
@@ -185,6 +189,16 @@ def same_tables(a, b):
               and np.array_equal(a.kv_ids[..., :width], b.kv_ids[..., :width]))
 
 
+def forward_select_methods():
+  """--select_method without the decode-only ones, in its order: the forward
+  and forward+backward take the first and time the others beside it."""
+  methods = [m for m in _SELECT_METHODS.value if m not in DECODE_ONLY]
+  if not methods:
+    raise ValueError(f'--select_method={",".join(_SELECT_METHODS.value)} names no forward '
+                     f'method (decode only: {DECODE_ONLY})')
+  return methods
+
+
 def make_inputs(seq, seed=0):
   b = max(1, _TOKENS.value // seq)
   keys = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -219,7 +233,7 @@ def sparse_fn(keep, seq, prefix, block_k, stages, impl='mosaic', method=None,
   visible = budgets.visible_tiles(seq, BQ, block_k, prefix)
   sizes = bt.BlockSizes(BQ, block_k)
   config = mosaic_gpu.Config(stages, backward, persistent_ctas)
-  method = method or _SELECT_METHODS.value[0]
+  method = method or forward_select_methods()[0]
   select_fn = lambda q, k: select_blocks(q, k, keep, visible, block_k, method, score_options)
   select = jax.jit(select_fn)
 
@@ -348,7 +362,7 @@ def bench_seq(seq, prefix, variant, baselines):
   q, k, v = make_inputs(seq)
   b = q.shape[0]
   res = dict(seq=seq, batch=b, prefix=prefix, block_k=block_k, stages=stages, ms={}, tflops={},
-             sparsity={}, select_method=_SELECT_METHODS.value[0], select_agree={})
+             sparsity={}, select_method=forward_select_methods()[0], select_agree={})
   if prefix == 0:
     for name, fn in baselines.items():
       try:
@@ -381,7 +395,7 @@ def bench_seq(seq, prefix, variant, baselines):
       ours = {name: run} | ({name + '_persistent': run_p} if _PERSISTENT.value else {})
       alternate(res, {n: baselines[n] for n in res['ms'] if n in baselines}, ours, q, k, v)
     if sparsity == 0.65:   # the other selection methods, in the same run
-      for method in _SELECT_METHODS.value[1:]:
+      for method in forward_select_methods()[1:]:
         run_m, select_m, _ = sparse_fn(1.0 - sparsity, seq, prefix, block_k, stages,
                                        method=method)
         try:
@@ -395,7 +409,7 @@ def bench_seq(seq, prefix, variant, baselines):
         res['select_agree'][method] = same_tables(got, tables)
         if not res['select_agree'][method]:
           print(f'select_method {method} tables differ from '
-                f'{_SELECT_METHODS.value[0]} at {seq}, prefix {prefix}, block_k {block_k}')
+                f'{forward_select_methods()[0]} at {seq}, prefix {prefix}, block_k {block_k}')
   if block_k == 64 and prefix == 0:   # the portable Triton kernel, same tables
     try:
       run = sparse_fn(0.35, seq, prefix, block_k, stages, impl='triton')[0]
@@ -471,11 +485,15 @@ def rel_err(out, ref):
 
 def decode_scores(q, pooled):
   """Block scores [B, Hkv, nK] f32 of one decode step: each GQA group's mean
-  query (over its heads and new tokens) against the max-pooled keys."""
+  query (over its heads and new tokens) against the max-pooled keys, in f32
+  throughout. (A bf16 mean is rounded where XLA materializes it and not where
+  it fuses it, under its excess-precision default: a near-cutoff block then
+  flipped between a jitted step and this function called alone.)"""
   b, m, hq, d = q.shape
   hkv = pooled.shape[2]
-  qp = q.reshape(b, m, hkv, hq // hkv, d).mean(axis=(1, 3))
-  return jnp.einsum('bhd,bkhd->bhk', qp, pooled, preferred_element_type=jnp.float32)
+  qp = q.astype(jnp.float32).reshape(b, m, hkv, hq // hkv, d).mean(axis=(1, 3))
+  return jnp.einsum('bhd,bkhd->bhk', qp, pooled.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def fused_decode_step(q, k, v, pooled, kv_len, prefix_len, q_offset, *, budget, block_k,
@@ -551,14 +569,15 @@ def decode_budget(sparsity, n_k):
 
 
 def decode_select_methods():
-  """--select_method in a decode step's order: the tables_from_scores methods
-  first (the step takes the first), then `fused`, first only where it is the
-  only one (`--select_method fused`). decode_tables' one-kernel `fused` took
-  17.7 us under Nsight Compute at batch 8, cache 32k, the three kernels of XLA's
-  scores and `pallas` tables 17.5 (its 32 programs score 512 blocks each at 255
-  registers a thread; chained steps 0.0701 against 0.0661 ms; H200,
-  docs/results.md), so by default it is timed, not taken."""
-  return sorted(_SELECT_METHODS.value, key=lambda m: m == 'fused')   # a stable sort
+  """--select_method in a decode step's order: `ranked` first, then the
+  tables_from_scores methods, then `fused` (the step takes the first, the
+  others are timed beside it). At batch 8, cache 32k on an H200 `ranked` took
+  10 us under Nsight Compute, the three kernels of XLA's scores and `pallas`
+  tables 16-17.5, `fused`'s one kernel 17.7 (32 programs at 255 registers);
+  chained, `ranked`'s step 0.0622 ms against `pallas`' 0.0655 in one
+  alternating run (docs/results.md)."""
+  order = {'ranked': 0, 'fused': 2}   # a stable sort: table methods keep their order
+  return sorted(_SELECT_METHODS.value, key=lambda m: order.get(m, 1))
 
 
 @jax.jit
@@ -572,16 +591,21 @@ def decode_tables(q, pooled, budget, method='top_k'):
   """The timed selection of a decode step: the group's mean query against the
   pooled keys, the first and last blocks forced, `budget` blocks a row.
   method: a tables_from_scores method on XLA's scores (an einsum and the
-  forcing, two kernels, then the tables), or `fused`: all of it in one kernel
+  forcing, two kernels, then the tables), `fused`: all of it in one kernel
   (select_triton.score_tables, one program a (batch, kv head), the new tokens
-  as its query tile). The same tables up to the scores' summation order."""
+  as its query tile), or `ranked`: all of it in one kernel of several programs
+  a row, ids in rank order (select_triton.decode_ranked_tables). The same
+  blocks up to the scores' summation order."""
   n_k = pooled.shape[1]
   first_or_last = (np.arange(n_k) == 0) | (np.arange(n_k) == n_k - 1)
+  rule = np.where(first_or_last, select_triton.FORCED, select_triton.CANDIDATE).astype(np.int8)
+  if method == 'ranked':
+    return select_triton.decode_ranked_tables(q, pooled, jnp.asarray(rule), budget, budget,
+                                              interpret=jax.default_backend() == 'cpu')
   if method == 'fused':
     b, m = q.shape[:2]
-    rule = np.where(first_or_last, select_triton.FORCED, select_triton.CANDIDATE)[None]
     ids, count = select_triton.score_tables(
-        q, pooled, jnp.asarray(rule, jnp.int8), jnp.full((1,), budget, jnp.int32), budget,
+        q, pooled, jnp.asarray(rule[None]), jnp.full((1,), budget, jnp.int32), budget,
         block_q=m, rows_per_load=m, padded=True, interpret=jax.default_backend() == 'cpu')
     return ids.reshape(b, pooled.shape[2], -1), count.reshape(b, -1)
   scores = decode_scores(q, pooled)
@@ -784,7 +808,7 @@ def forward_markdown(results):
            'ms (median), and the ratio to the fastest dense kernel of the run (causal rows: '
            'cuDNN / tokamax; prefix rows: our own dense mode). `_kernel` = tables built '
            'outside the timing, `_select` = selection and tables alone. Tables by '
-           f'`{_SELECT_METHODS.value[0]}` (--select_method) unless a key ends in another '
+           f'`{forward_select_methods()[0]}` (--select_method) unless a key ends in another '
            'method (`ours_s65_rank`, `ours_s65_select_rank`: the same tables, built without '
            'a sort). Budgets: benchmarks/budgets.py, the named sparsity exactly (`sparsity` in '
            'the JSON).'

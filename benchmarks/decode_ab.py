@@ -9,7 +9,8 @@ One process, the same inputs, every step timed in alternation
 (timing.time_alternating) with cuDNN's dense decode among them: a step is
 attention.py's decode selection (--select_method's first decode method, its
 block scores against the pooled keys, 65% of the blocks skipped) and a
-version's kernel at its defaults. `new_headmajor` runs this tree's step on the
+version's kernel at its defaults; `new_<method>`, this tree's kernel after each
+other decode method of --select_method. `new_headmajor` runs this tree's step on the
 same cache laid out head-major (each kv head's blocks contiguous:
 attention.head_major_decode_args). Each step is timed per call and as
 --decode_chain steps chained in one program (attention.chained), per step.
@@ -52,10 +53,12 @@ def bench(batch, cache, bases):
   q, kc, vc, lens = attention.decode_inputs(batch, cache)
   pooled = jax.jit(attention.pool_keys, static_argnums=1)(kc, block_k)
   budget = attention.decode_budget(0.65, cache // block_k)
-  method = attention.decode_select_methods()[0]
+  method, *others = attention.decode_select_methods()
   args = (q, kc, vc, pooled, *lens)
   steps = {name: step_with(module, method, budget, block_k)
            for name, module in {'new': mosaic_gpu_decode, **bases}.items()}
+  # This tree's kernel after each other selection method: `new_<method>`.
+  steps |= {f'new_{m}': step_with(mosaic_gpu_decode, m, budget, block_k) for m in others}
   want = np.asarray(steps['new'](*args), np.float32)
   row = dict(batch=batch, cache=cache, select=method, rel_err={})
   for name, step in steps.items():

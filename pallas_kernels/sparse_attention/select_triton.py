@@ -1,6 +1,8 @@
 """Block selection in Pallas-Triton kernels: kv tables from block scores in one
-kernel, and the pooling and scoring before them in two; and the transposed
-tables the dk/dv pass reads, from the kv tables, in one (q_tables).
+kernel, and the pooling and scoring before them in two; a decode step's whole
+selection in one kernel of several programs a row (decode_ranked_tables); and
+the transposed tables the dk/dv pass reads, from the kv tables, in one
+(q_tables).
 
 block_tables.tables_from_scores' XLA methods build the kv tables in several
 kernels (a top_k and a sort, or three compare-and-reduce passes, plus the
@@ -244,6 +246,129 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
       interpret=interpret,
   )(q, kp, rule, jnp.minimum(budget.astype(jnp.int32), max_k))
   return (ids if padded else ids[..., :max_k]), count
+
+
+def _ranked_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n_k, chunk,
+                   span):
+  """Program (b, h, c): the rank of chunk c's blocks among the row's
+  candidates, scoring the row (the group's mean new query against its pooled
+  keys [W, D]) `span` blocks a step; a kept block goes to its rank's slot.
+
+  Ranks follow lax.top_k's order of total_order_key: +NaN first (each takes a
+  place in the budget but is never kept, as in tables_from_scores), then the
+  keepable scores (forced blocks at +inf ahead), then -inf and -NaN."""
+  c = pl.program_id(2)
+  # The mean query in f32, as benchmarks/attention.py's decode_scores.
+  query = jnp.sum(jnp.sum(q_ref[...].astype(jnp.float32), axis=0), axis=0)
+  query = query / (q_ref.shape[0] * q_ref.shape[1])
+
+  def keys_of(start, size):
+    """Blocks [start, start + size): keys, candidate, keepable, index."""
+    rows = pl.ds(start, size)
+    scores = jnp.sum(kp_ref[rows, :].astype(jnp.float32) * query[None, :], axis=1)
+    rule = rule_ref[rows]
+    scores = jnp.where(rule == FORCED, jnp.inf, jnp.where(rule == CANDIDATE, scores, -jnp.inf))
+    idx = start + jax.lax.broadcasted_iota(jnp.int32, (size,), 0)
+    return bt.total_order_key(scores), idx < n_k, scores > -jnp.inf, idx
+
+  own_key, own_cand, own_ok, own_idx = keys_of(c * chunk, chunk)
+  total = lambda x: jnp.sum(x.astype(jnp.int32))
+  rank, nans, oks = jnp.zeros((chunk,), jnp.int32), 0, 0
+  # Unrolled: the spans' loads and compares overlap (a fori_loop over 128-block
+  # spans, pipelined, took 13.3 us against 10.5 on an H200; docs/results.md).
+  for start in range(0, kp_ref.shape[0], span):
+    key, cand, ok, idx = keys_of(start, span)
+    ahead = (key[None, :] > own_key[:, None]) | (
+        (key[None, :] == own_key[:, None]) & (idx[None, :] < own_idx[:, None]))
+    if start + span > n_k:   # padding blocks never compete
+      ahead &= cand[None, :]
+    rank += jnp.sum(ahead.astype(jnp.int32), axis=1)
+    nans, oks = nans + total(cand & (key > _INF_KEY)), oks + total(cand & ok)
+  count = jnp.clip(jnp.minimum(budget_ref[...], n_k) - nans, 0, oks)
+  slot = rank - nans
+  keep = own_ok & own_cand & (slot < count)
+  # Lanes not kept aim past the row: masked on a GPU, dropped by the
+  # interpreter (which writes masked lanes back, so a shared slot would race).
+  plgpu.store(ids_ref.at[jnp.where(keep, slot, ids_ref.shape[0])], own_idx, mask=keep)
+  # Slots past the count repeat the last kept id (its program writes them), 0
+  # in an empty row (program 0 writes them).
+  last = jnp.max(jnp.where(keep & (slot == count - 1), own_idx, -1))
+  pad = jax.lax.broadcasted_iota(jnp.int32, ids_ref.shape, 0) >= count
+  plgpu.store(ids_ref, jnp.full(ids_ref.shape, jnp.maximum(last, 0), jnp.int32),
+              mask=pad & ((last >= 0) | ((count == 0) & (c == 0))))
+  count_ref[...] = count
+
+
+_INF_KEY = 0x7F800000   # total_order_key(+inf): a key above it is a +NaN
+
+
+@functools.partial(jax.jit, static_argnames=('max_k', 'chunk', 'span', 'interpret',
+                                             'num_warps'))
+def decode_ranked_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget, max_k: int,
+                         *, chunk: int = 128, span: int = 512, interpret: bool = False,
+                         num_warps: int = 16):
+  """A decode step's selection in one kernel, its ids in rank order (best
+  first), several programs a row: (ids [B, Hkv, W'], count [B, Hkv]).
+
+  score_tables' decode case (the new tokens as the query tile) keeps the same
+  blocks, but one program a row ranks its W blocks in ~10 dependent passes of
+  a radix select: latency-bound at 32 rows (17.7 us at batch 8, 4 kv heads,
+  512 blocks on an H200; docs/results.md). Here program (b, h, c) scores the
+  whole row (cheap: W x D multiply-adds, from L2 after the first program) and
+  ranks only chunk c's blocks against it, in [chunk, span] compares (one pass
+  at the defaults); a kept block's rank is its slot, so no program waits for
+  another: 10 us there, 4 programs a row at 16 warps. The decode kernels read
+  a list in any order (each block's keys are masked by the one bound of a new
+  token). Scores are f32 throughout, as attention.decode_scores'.
+
+  q [B, M, Hq, D] (the M new tokens); kp [B, nK, Hkv, D] pooled keys; rule
+  int8 [nK] or [B, nK]: HIDDEN, CANDIDATE or FORCED (select_triton's); budget
+  int, a scalar or [B, Hkv]: blocks a row keeps, forced ones first, at most
+  max_k. The kept set is tables_from_scores' on the same masked scores (ties
+  to the lower block); W' is max_k rounded up to a power of two, slots past a
+  count repeating the last kept id (0 in an empty row). M, Hq / Hkv, D, chunk
+  and span are powers of two.
+  """
+  q, kp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kp)   # see tables_from_scores
+  b, m, hq, d = q.shape
+  n_k, hkv = kp.shape[1], kp.shape[2]
+  group = hq // hkv
+  if hq % hkv or kp.shape != (b, n_k, hkv, d) or rule.shape not in ((n_k,), (b, n_k)):
+    raise ValueError(f'decode_ranked_tables: {q.shape=}, {kp.shape=} and {rule.shape=} '
+                     'disagree (want q [B, M, Hq, D], kp [B, nK, Hkv, D], rule [nK] or [B, nK])')
+  for name, n in (('new tokens', m), ('group', group), ('head_dim', d), ('chunk', chunk),
+                  ('span', span)):
+    if n & (n - 1):
+      raise ValueError(f'decode_ranked_tables: {name}={n} must be a power of two')
+  if not 1 <= max_k <= n_k:
+    raise ValueError(f"{max_k=} must be in [1, {n_k=}]")
+  width, out_width = pl.next_power_of_2(n_k), pl.next_power_of_2(max_k)
+  chunk, span = min(chunk, width), min(span, width)
+  rule = jnp.pad(jnp.asarray(rule, jnp.int8), [(0, 0)] * (rule.ndim - 1) + [(0, width - n_k)])
+  if width != n_k:
+    kp = jnp.pad(kp, ((0, 0), (0, width - n_k), (0, 0), (0, 0)))
+  cap = jnp.minimum(jnp.asarray(budget, jnp.int32), max_k)
+  if cap.ndim:
+    cap, cap_of = jnp.broadcast_to(cap, (b, hkv)).reshape(b * hkv), lambda bi, h: (bi * hkv + h,)
+  else:
+    cap, cap_of = cap.reshape(1), lambda bi, h: (0,)
+  rule_spec = (pl.BlockSpec((width,), lambda bi, h, c: (0,)) if rule.ndim == 1 else
+               pl.BlockSpec((None, width), lambda bi, h, c: (bi, 0)))
+  ids, count = pl.pallas_call(
+      functools.partial(_ranked_kernel, n_k=n_k, chunk=chunk, span=span),
+      grid=(b, hkv, width // chunk),
+      in_specs=[pl.BlockSpec((None, m, group, d), lambda bi, h, c: (bi, 0, h, 0)),
+                pl.BlockSpec((None, width, None, d), lambda bi, h, c: (bi, 0, h, 0)),
+                rule_spec,
+                pl.BlockSpec((None,), lambda bi, h, c: cap_of(bi, h))],
+      out_specs=[pl.BlockSpec((None, None, out_width), lambda bi, h, c: (bi, h, 0)),
+                 pl.BlockSpec((None, None), lambda bi, h, c: (bi, h))],
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, out_width), jnp.int32),
+                 jax.ShapeDtypeStruct((b, hkv), jnp.int32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+  )(q, kp, rule, cap)
+  return ids, count
 
 
 def _q_tables_kernel(ids_ref, count_ref, q_ids_ref, q_count_ref, *, chunk):

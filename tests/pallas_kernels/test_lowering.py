@@ -111,6 +111,9 @@ CASES = {
     'select_score_tables': (functools.partial(select_triton.score_tables, max_k=7, block_q=128),
                             (QKV[0], _aval((B, 12, HKV, D)),
                              _aval((N_Q, 12), jnp.int8), _aval((N_Q,), I32)), 'triton'),
+    'select_decode_ranked': (functools.partial(select_triton.decode_ranked_tables, max_k=7),
+                             (CACHE[0], _aval((B, 12, HKV, D)), _aval((12,), jnp.int8),
+                              _aval((B, HKV), I32)), 'triton'),
     'select_q_tables': (functools.partial(select_triton.q_tables, n_k=N_K), TABLES, 'triton'),
 }
 

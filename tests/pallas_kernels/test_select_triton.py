@@ -135,6 +135,13 @@ def test_q_tables_transpose_the_kv_tables(b, h, n_q, n_k, width):
   assert int(jnp.sum(kv_count == 0)) > 0
 
 
+def _ranked(hq, rule_width, **options):
+  """decode_ranked_tables on zeros: q of hq heads, 8 pooled blocks of 2 kv heads."""
+  return select_triton.decode_ranked_tables(
+      jnp.zeros((1, 1, hq, 32)), jnp.zeros((1, 8, 2, 32)), jnp.zeros((rule_width,), jnp.int8),
+      2, 2, **options)
+
+
 @pytest.mark.parametrize('call, match', [
     (lambda: select_triton.q_tables(jnp.zeros((1, 2, 4, 3), jnp.int32),
                                     jnp.zeros((1, 2, 3), jnp.int32), 8), 'kv_count.shape'),
@@ -145,7 +152,71 @@ def test_q_tables_transpose_the_kv_tables(b, h, n_q, n_k, width):
     (lambda: select_triton.score_tables(jnp.zeros((1, 256, 1, 32)), jnp.zeros((1, 4, 1, 32)),
                                         jnp.zeros((2, 3), jnp.int8), jnp.zeros((2,), jnp.int32),
                                         2, block_q=128), 'rule'),
+    (lambda: _ranked(4, 9), 'rule.shape'),
+    (lambda: _ranked(6, 8), 'group=3'),
+    (lambda: _ranked(4, 8, span=6), 'span=6'),
 ])
 def test_bad_shapes_name_the_problem(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def _listed(ids, count):
+  ids, count = np.asarray(ids), np.asarray(count)
+  return [sorted(ids[r][:count[r]]) for r in np.ndindex(count.shape)]
+
+
+@pytest.mark.parametrize('new, n_k, budget, chunk, span', [
+    (1, 16, 6, 4, 512),   # four programs a row, one span
+    (4, 12, 5, 4, 8),     # four new tokens; 12 blocks padded to 16, two spans
+    (1, 8, 8, 8, 512),    # every block
+    (2, 40, 11, 16, 16),  # a ragged row over several chunks and spans, a hidden block
+])
+def test_ranked_decode_tables_keep_top_ks_blocks_best_first(new, n_k, budget, chunk, span):
+  """decode_ranked_tables keeps the `top_k` path's blocks, each row's list
+  in rank order (forced blocks, then by falling score), padded with its last."""
+  q, _ = _int_inputs(new, 2, new, 8, 2, 64)
+  _, kp = _int_inputs(n_k, 2, n_k, 8, 2, 64)
+  rule = np.full(n_k, select_triton.CANDIDATE, np.int8)
+  rule[[0, n_k - 1]] = select_triton.FORCED
+  rule[n_k // 3] = select_triton.HIDDEN
+  scores = bench.decode_scores(q, kp)
+  scores = jnp.where(rule == select_triton.FORCED, jnp.inf,
+                     jnp.where(rule == select_triton.CANDIDATE, scores, -jnp.inf))
+  want = bt.tables_from_scores(scores, jnp.int32(budget), budget)
+  ids, count = select_triton.decode_ranked_tables(q, kp, jnp.asarray(rule), budget, budget,
+                                                  chunk=chunk, span=span, interpret=True)
+  np.testing.assert_array_equal(count, want[1])
+  assert _listed(ids, count) == _listed(*want)
+  keys = np.asarray(bt.total_order_key(scores))
+  for r in np.ndindex(count.shape):
+    listed = np.asarray(ids[r])
+    kept = listed[:count[r]]
+    step = np.diff(keys[r][kept].astype(np.int64))
+    assert (step <= 0).all() and (np.diff(kept)[step == 0] > 0).all()   # ties: lower first
+    assert (listed[count[r]:] == listed[count[r] - 1]).all()
+  # decode_tables' `ranked`: the same blocks as its `top_k`.
+  assert _listed(*bench.decode_tables(q, kp, budget, 'ranked')) == _listed(
+      *bench.decode_tables(q, kp, budget, 'top_k'))
+
+
+def test_ranked_decode_tables_match_tables_from_scores_on_odd_scores():
+  """Per-row budgets and rules, +-inf and NaN scores (a NaN pooled key), an
+  empty row (budget 0): the counts and kept sets of tables_from_scores."""
+  q, _ = _int_inputs(5, 2, 1, 4, 2, 32)
+  _, kp = _int_inputs(6, 2, 32, 4, 2, 32)
+  kp = kp.at[0, 3, 0, 0].set(jnp.nan).at[1, 7, 1, :].set(jnp.inf)
+  rule = np.full((2, 32), select_triton.CANDIDATE, np.int8)
+  rule[0, :4] = select_triton.HIDDEN
+  rule[1, 9] = select_triton.FORCED
+  budget = jnp.array([[7, 0], [3, 32]], jnp.int32)
+  ids, count = select_triton.decode_ranked_tables(q, kp, jnp.asarray(rule), budget, 32,
+                                                  chunk=8, interpret=True)
+  scores = bench.decode_scores(q, kp)
+  rule_b = jnp.asarray(rule)[:, None]
+  scores = jnp.where(rule_b == select_triton.FORCED, jnp.inf,
+                     jnp.where(rule_b == select_triton.CANDIDATE, scores, -jnp.inf))
+  want = bt.tables_from_scores(scores, budget, 32)
+  np.testing.assert_array_equal(count, want[1])
+  assert _listed(ids, count) == _listed(*want)
+  assert int(count[0, 1]) == 0 and (np.asarray(ids[0, 1]) == 0).all()
