@@ -50,6 +50,8 @@ SMEM_BYTES = 227 * 1024
 # CTAs a call launches by default: one a SM of an H100 or H200 (132 SMs),
 # which a decode CTA fills alone (its registers and shared memory).
 CTAS = 128
+# Profiler events a warpgroup may record (profile_dir): a range is two.
+PROFILE_EVENTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,8 @@ def _memory_wg(q_ref, k_ref, v_ref, ids_ref, row, lo, n, scratch, st: _Static):
     rows = (b, pl.ds(kb * st.block_k, st.block_k), h)
     plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-  _stream(n, lambda j: ids_ref[row + lo + j], fetch, done, st.num_stages)
+  with jax.named_scope('stream'):   # a range of the Mosaic GPU profiler (profile_dir)
+    _stream(n, lambda j: ids_ref[row + lo + j], fetch, done, st.num_stages)
 
 
 def _compute_wg(ids_ref, out_ref, lse_ref, row, lo, n, limit, scratch, st: _Static):
@@ -125,7 +128,8 @@ def _compute_wg(ids_ref, out_ref, lse_ref, row, lo, n, limit, scratch, st: _Stat
   init = (_zeros((ROWS, q_smem.shape[-1])),
           plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32), row_layout),
           plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), row_layout))
-  acc, m_i, l_i = lax.fori_loop(0, lax.div(n - wg + 1, COMPUTE_WGS), step, init)
+  with jax.named_scope('blocks'):
+    acc, m_i, l_i = lax.fori_loop(0, lax.div(n - wg + 1, COMPUTE_WGS), step, init)
 
   # The output goes out through this warpgroup's first ring slot (slot wg):
   # every load into it was for a block this warpgroup has consumed. Only the
@@ -240,10 +244,11 @@ def unsupported(q, k_cache, block_k, num_stages=None) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_k", "num_splits", "num_stages", "sm_scale", "interpret"))
+    "block_k", "num_splits", "num_stages", "sm_scale", "interpret", "profile_dir"))
 def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_offset, *,
                   block_k: int, num_splits: int = 0, num_stages: int | None = None,
-                  sm_scale: float | None = None, interpret: bool = False):
+                  sm_scale: float | None = None, interpret: bool = False,
+                  profile_dir: str | None = None):
   """Decode attention over the selected cache blocks, one new token a row.
 
   q [B, 1, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; kv_ids [B, Hkv, max_k]
@@ -251,7 +256,9 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
   (decode.sparse_decode's arguments). Returns [B, 1, Hq, D] in q.dtype; a row
   with no visible key outputs 0. num_splits: slices a list is cut into (0:
   about CTAS CTAs in all); num_stages: K/V ring slots, even (None:
-  default_stages).
+  default_stages). profile_dir: a GPU run records each warpgroup's `stream` /
+  `blocks` range with its SM and clock (Mosaic GPU's profiler) and writes a
+  trace there, once a compiled kernel (benchmarks/cta_spread.py).
   """
   b, _, hq, d = q.shape
   hkv = k_cache.shape[2]
@@ -286,7 +293,9 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
       grid_names=("split", "head", "batch"),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, profile_space=PROFILE_EVENTS if profile_dir else 0,
+          profile_dir=profile_dir or ""),
       interpret=st.interpret,
   )(q_rows, k_cache, v_cache, kv_ids.astype(jnp.int32).reshape(-1),
     kv_count.astype(jnp.int32).reshape(-1),
