@@ -116,7 +116,7 @@ _DECODE_FUSED = flags.DEFINE_list('decode_fused', [], 'more configs of the fused
                                   'ours_fused_s65_<spec>')
 _DECODE_TABLES = flags.DEFINE_list('decode_tables', [], 'the same for the table decode '
                                    '(decode.sparse_decode): keys ours_s65_<spec>')
-_DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['0x6', '0x4'], 'the Mosaic decode kernel '
+_DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['0x1', '0x2'], 'the Mosaic decode kernel '
                                    '(mosaic_gpu_decode.sparse_decode), SPLITSxSTAGES at 65% '
                                    '(0 splits: its default); the first also with each other '
                                    'decode --select_method: keys ours_mosaic_s65_<spec>[_kernel'

@@ -28,7 +28,7 @@ from pallas_kernels.sparse_attention import block_tables as bt  # noqa: E402
 
 # (batch, query heads, kv heads, cache length, head dim, block_k)
 SHAPES = [(2, 16, 4, 4096, 128, 64), (3, 8, 8, 2048, 64, 128), (2, 32, 4, 4096, 128, 64),
-          (2, 16, 4, 4096, 128, 128)]   # block_k 128 at head dim 128: 2 ring slots
+          (2, 16, 4, 4096, 128, 128)]   # block_k 128 at head dim 128
 IMPLS = ('reference', 'auto', 'mosaic', 'triton')
 
 

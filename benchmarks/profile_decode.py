@@ -47,7 +47,7 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'sequences')
 _CACHE = flags.DEFINE_integer('cache', 32768, 'cached positions per sequence')
 _BLOCK_K = flags.DEFINE_integer('block_k', 64, 'key block of the tables')
 _SPARSITY = flags.DEFINE_float('sparsity', 0.65, 'share of key blocks skipped')
-_MOSAIC = flags.DEFINE_string('mosaic', '0x6', 'Mosaic decode SPLITSxSTAGES')
+_MOSAIC = flags.DEFINE_string('mosaic', '0x1', 'Mosaic decode SPLITSxSTAGES')
 PATHS = ('cudnn', 'tables', 'fused', 'mosaic', 'mosaic_step')
 _PATHS = flags.DEFINE_multi_enum('paths', list(PATHS), PATHS, 'the paths to profile')
 

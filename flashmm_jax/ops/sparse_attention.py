@@ -187,7 +187,7 @@ def _decode_triton(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
 @_DECODE.register('mosaic')
 def _decode_mosaic(q, k_cache, v_cache, mask, kv_ids, kv_count, block_k):
   """Hopper, one new token a row: the TMA-fed Mosaic GPU kernel
-  (mosaic_gpu_decode; its step 1.1-1.2x faster than the Triton table
+  (mosaic_gpu_decode; its step 1.2x faster than the Triton table
   kernel's at batch 8, cache 32k on an H200, docs/results.md). Other shapes:
   Triton on a GPU where its tiles fit, else the jnp reference."""
   from pallas_kernels.sparse_attention import mosaic_gpu_decode  # pylint: disable=g-import-not-at-top

@@ -3,25 +3,27 @@
 One new token a sequence against its KV cache, over the key blocks its GQA
 group selected (kv_ids[:kv_count], block_k keys each). Flash-decoding: CTA
 (split, kv head, batch) takes a contiguous slice of the row's list, as
-decode.sparse_decode's splits do, so num_splits x Hkv x B CTAs fill the SMs.
+decode.sparse_decode's splits do, and ends as a partial that
+decode.merge_windows merges.
 
-Decode is a stream of K/V bytes with a little arithmetic on each, so a CTA is
-built to keep bytes in flight: a TMA warpgroup streams the slice's blocks into
-a ring of num_stages shared-memory slots, and the two compute warpgroups take
-alternate blocks (warpgroup w the slice's blocks w, w + 2, ...), each with its
-own online softmax over one 64-row query tile (one wgmma M tile). Each
-warpgroup ends as a partial of its own; decode.merge_windows merges the
-2 x num_splits partials of each head.
+Decode is a stream of K/V bytes with a little arithmetic on each, and each
+CTA streams its slice at the speed DRAM grants it, which varies from CTA to
+CTA (benchmarks/cta_spread.py: at equal work the slowest of 128 took 1.34x
+the fastest). So a CTA is one warpgroup, small (48 KB of shared memory and
+128 registers a thread at one slot), and two share each SM: an SM idles only
+once both are done, and one CTA's start overlaps the other's streaming. The
+warpgroup issues the TMA loads of its blocks num_stages ahead and runs one
+64-row wgmma tile's online softmax over them; K's slot is refilled once its
+QK^T is done, V's once its PV is. The warp-specialized kernel this replaced
+(a TMA warpgroup feeding two wgmma warpgroups through a 6-slot ring, 216 KB,
+one CTA an SM, 128 CTAs) took 3-5% longer a chained step at batch 8 x 32k,
+5-10% at 1 x 32k and 8 x 8k; its SMs were active 77-83% of its time, this
+kernel's 89% (H200, docs/results.md).
 
 q is read where it lies: the tile's first W rows are an 8-row-aligned window
 of q's heads holding the group's G (_q_windows), the rows below are never
 written. A row's softmax and output read only that row, so those rows (and
 the neighbouring groups' in the window) are computed and dropped.
-
-The forward kernel run as split-K, the path this replaced, sent each block
-through both warpgroups as a 128-row tile of which G rows were real. With the
-same tables this kernel's first version took 0.077 against its 0.082 ms a
-step (H200, batch 8, cache 32k, 65%; docs/results.md).
 
 With one token every visible key lies below min(kv_len, max(prefix_len,
 q_offset + 1)), so that one bound masks every block exactly.
@@ -40,16 +42,17 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.sparse_attention import decode
 from pallas_kernels.sparse_attention.block_tables import check_qkv
 from pallas_kernels.sparse_attention.mosaic_gpu_backward import (
-    COMPUTE_REGS, _dot_t, _mma, _stream, _transforms, _zeros)
+    _dot_t, _mma, _transforms, _zeros)
 
 ROWS = 64             # the query tile: one wgmma M tile
-COMPUTE_WGS = 2
 LOG2E = math.log2(math.e)
 M_INIT = -1e30        # finite: a block fully masked keeps alpha = 1, p = 0
 SMEM_BYTES = 227 * 1024
-# CTAs a call launches by default: one a SM of an H100 or H200 (132 SMs),
-# which a decode CTA fills alone (its registers and shared memory).
-CTAS = 128
+# CTAs a call launches by default: about two an SM of an H100 or H200 (132
+# SMs), up to four fitting at once. At batch 8 x 32k a chained step took 3%
+# longer with 512 (one slot), 1% with 128 and 7% with 1024 (two slots; H200,
+# docs/results.md).
+CTAS = 256
 # Profiler events a warpgroup may record (profile_dir): a range is two.
 PROFILE_EVENTS = 16
 
@@ -75,42 +78,39 @@ def _slice_of(count, split, splits):
   return lo, jnp.minimum(lo + chunk, count) - lo
 
 
-def _memory_wg(q_ref, k_ref, v_ref, ids_ref, row, lo, n, scratch, st: _Static):
-  """The query tile, then the slice's n blocks into the ring, in list order
-  (mosaic_gpu_backward._stream: a slot is refilled once the warpgroup that
-  reads it released its K and V)."""
-  q_smem, k_smem, v_smem, (q_bar, k_bar, v_bar), done, _ = scratch
-  b, h = lax.axis_index("batch"), lax.axis_index("head")
+def _kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, kv_len_ref, prefix_ref, offset_ref,
+            out_ref, lse_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, lse_smem, *,
+            st: _Static):
+  """CTA (split, head, batch): the online softmax of the query tile over its
+  slice's n blocks, loads issued num_stages blocks ahead; partial `split`."""
+  b, h, split = (lax.axis_index(a) for a in ("batch", "head", "split"))
+  r = b * k_ref.shape[2] + h
+  lo, n = _slice_of(count_ref[r], split, st.num_splits)
+  row = r * st.width
+  limit = jnp.minimum(kv_len_ref[b], jnp.maximum(prefix_ref[b], offset_ref[b] + 1))
   plgpu.copy_gmem_to_smem(q_ref.at[b, lax.div(h, st.per_window)],
                           q_smem.at[pl.ds(0, st.window)], q_bar)
 
-  def fetch(kb, slot):
-    rows = (b, pl.ds(kb * st.block_k, st.block_k), h)
-    plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-  with jax.named_scope('stream'):   # a range of the Mosaic GPU profiler (profile_dir)
-    _stream(n, lambda j: ids_ref[row + lo + j], fetch, done, st.num_stages)
+  def fetch(ref, smem, bars, j, slot):
+    """Block j of the slice (if any) into `slot` of ref's ring."""
+    @pl.when(j < n)
+    def _():
+      keys = (b, pl.ds(ids_ref[row + lo + j] * st.block_k, st.block_k), h)
+      plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], bars.at[slot])
 
-
-def _compute_wg(ids_ref, out_ref, lse_ref, row, lo, n, limit, scratch, st: _Static):
-  """Warpgroup w: an online softmax of the query tile over the slice's blocks
-  w, w + 2, ..., stored as partial 2 * split + w."""
-  q_smem, k_smem, v_smem, (q_bar, k_bar, v_bar), (k_done, v_done), lse_smem = scratch
-  plgpu.set_max_registers(COMPUTE_REGS, action="increase")
-  wg = lax.axis_index("wg")
+  for i in range(st.num_stages):
+    fetch(k_ref, k_smem, k_bar, i, i)
+    fetch(v_ref, v_smem, v_bar, i, i)
   shape = (ROWS, st.block_k)
   plgpu.barrier_wait(q_bar)
 
-  def step(i, carry):
+  def step(j, carry):
     acc, m_i, l_i = carry
-    j = wg + COMPUTE_WGS * i
-    # An even ring: slot j mod num_stages always serves the same warpgroup,
-    # so each waits on every phase of its slots' barriers and no other's.
     slot = lax.rem(j, st.num_stages)
     kb = ids_ref[row + lo + j]
     plgpu.barrier_wait(k_bar.at[slot])
     qk = _dot_t(q_smem, k_smem.at[slot], *shape)
-    plgpu.barrier_arrive(k_done.at[slot])
+    fetch(k_ref, k_smem, k_bar, j + st.num_stages, slot)   # its QK^T has read it
     k_pos = kb * st.block_k + plgpu.broadcasted_iota(
         jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
     qk = jnp.where(k_pos < limit, qk, -jnp.inf)
@@ -121,46 +121,25 @@ def _compute_wg(ids_ref, out_ref, lse_ref, row, lo, n, limit, scratch, st: _Stat
     l_i = l_i * alpha + p.sum(axis=1)
     plgpu.barrier_wait(v_bar.at[slot])
     acc = _mma(acc, p.astype(st.dtype), v_smem.at[slot], st.interpret is not None)
-    plgpu.barrier_arrive(v_done.at[slot])
+    fetch(v_ref, v_smem, v_bar, j + st.num_stages, slot)
     return acc, m_new, l_i
 
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   init = (_zeros((ROWS, q_smem.shape[-1])),
           plgpu.layout_cast(jnp.full((ROWS,), M_INIT, jnp.float32), row_layout),
           plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), row_layout))
-  with jax.named_scope('blocks'):
-    acc, m_i, l_i = lax.fori_loop(0, lax.div(n - wg + 1, COMPUTE_WGS), step, init)
+  with jax.named_scope('blocks'):   # a range of the Mosaic GPU profiler (profile_dir)
+    acc, m_i, l_i = lax.fori_loop(0, n, step, init)
 
-  # The output goes out through this warpgroup's first ring slot (slot wg):
-  # every load into it was for a block this warpgroup has consumed. Only the
-  # window's rows go out; the rows below it never held a query.
-  o_smem = k_smem.at[wg, pl.ds(0, ROWS)]
+  # The output goes out through the query tile, which the last QK^T has read.
+  # Only the window's rows go out; the rows below it never held a query.
   acc *= lax.broadcast_in_dim(1.0 / jnp.maximum(l_i, 1.0), acc.shape, [0])
-  o_smem[...] = acc.astype(st.dtype)
-  lse_smem.at[wg][...] = (m_i + jnp.log2(l_i)) * (1.0 / LOG2E)   # -inf: no key seen
+  q_smem[...] = acc.astype(st.dtype)
+  lse_smem[...] = (m_i + jnp.log2(l_i)) * (1.0 / LOG2E)   # -inf: no key seen
   plgpu.commit_smem()
-  b, h, split = (lax.axis_index(a) for a in ("batch", "head", "split"))
-  part = COMPUTE_WGS * split + wg
-  plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, st.window)], out_ref.at[b, h, part])
-  plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(0, st.window)], lse_ref.at[b, h, part])
+  plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, st.window)], out_ref.at[b, h, split])
+  plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, st.window)], lse_ref.at[b, h, split])
   plgpu.wait_smem_to_gmem(0)
-
-
-def _kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, kv_len_ref, prefix_ref, offset_ref,
-            out_ref, lse_ref, *scratch, st: _Static):
-  b, h = lax.axis_index("batch"), lax.axis_index("head")
-  r = b * k_ref.shape[2] + h
-  lo, n = _slice_of(count_ref[r], lax.axis_index("split"), st.num_splits)
-  row = r * st.width
-
-  @pl.when(lax.axis_index("wg") < COMPUTE_WGS)
-  def _():
-    limit = jnp.minimum(kv_len_ref[b], jnp.maximum(prefix_ref[b], offset_ref[b] + 1))
-    _compute_wg(ids_ref, out_ref, lse_ref, row, lo, n, limit, scratch, st)
-
-  @pl.when(lax.axis_index("wg") == COMPUTE_WGS)
-  def _():
-    _memory_wg(q_ref, k_ref, v_ref, ids_ref, row, lo, n, scratch, st)
 
 
 def default_splits(rows, width):
@@ -200,10 +179,11 @@ def _smem_bytes(block_k, head_dim, num_stages, itemsize):
 
 
 def default_stages(block_k, head_dim, itemsize=2):
-  """Ring slots by default: 6 (at block_k 64, head dim 128, 4 and 6 timed
-  alike on an H200), fewer where 6 do not fit, even."""
-  fits = [n for n in (6, 4, 2) if _smem_bytes(block_k, head_dim, n, itemsize) <= SMEM_BYTES]
-  return fits[0] if fits else 2
+  """K/V slots a CTA by default: 1 (48 KB at block_k 64, head dim 128). With
+  two a chained step took 3% longer at batch 8 x 32k, with three (112 KB a
+  CTA) 14% at 512 CTAs (H200, docs/results.md)."""
+  del block_k, head_dim, itemsize
+  return 1
 
 
 def check_config(block_k, head_dim, num_stages, itemsize=2):
@@ -212,9 +192,8 @@ def check_config(block_k, head_dim, num_stages, itemsize=2):
     raise ValueError(f"mosaic sparse_decode: block_k={block_k} must be 64 or 128")
   if head_dim % 64 or head_dim > 128:
     raise ValueError(f"mosaic sparse_decode: head_dim={head_dim} must be 64 or 128")
-  if num_stages < 2 or num_stages % 2:
-    raise ValueError(f"mosaic sparse_decode: num_stages={num_stages} must be even and >= 2 "
-                     "(each warpgroup owns half the ring's slots)")
+  if num_stages < 1:
+    raise ValueError(f"mosaic sparse_decode: num_stages={num_stages} must be >= 1")
   smem = _smem_bytes(block_k, head_dim, num_stages, itemsize)
   if smem > SMEM_BYTES:
     raise ValueError(f"mosaic sparse_decode: num_stages={num_stages} needs {smem} bytes "
@@ -255,10 +234,10 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
   ascending or not, kv_count [B, Hkv]; kv_len, prefix_len, q_offset int [B]
   (decode.sparse_decode's arguments). Returns [B, 1, Hq, D] in q.dtype; a row
   with no visible key outputs 0. num_splits: slices a list is cut into (0:
-  about CTAS CTAs in all); num_stages: K/V ring slots, even (None:
-  default_stages). profile_dir: a GPU run records each warpgroup's `stream` /
-  `blocks` range with its SM and clock (Mosaic GPU's profiler) and writes a
-  trace there, once a compiled kernel (benchmarks/cta_spread.py).
+  about CTAS CTAs in all, a power of two); num_stages: K/V slots a CTA (None:
+  default_stages). profile_dir: a GPU run records each CTA's `blocks` range
+  (its loop) with its SM and clock (Mosaic GPU's profiler) and writes a trace
+  there, once a compiled kernel (benchmarks/cta_spread.py).
   """
   b, _, hq, d = q.shape
   hkv = k_cache.shape[2]
@@ -276,23 +255,18 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
                scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, dtype=q.dtype,
                width=kv_ids.shape[-1], window=window, per_window=per_window,
                interpret=plgpu.InterpretGPUParams() if interpret else None)
-  parts = COMPUTE_WGS * num_splits
   transforms = _transforms(q.dtype)
   ring = lambda: plgpu.SMEM((num_stages, block_k, d), q.dtype, transforms=transforms)
   scratch = (plgpu.SMEM((ROWS, d), q.dtype, transforms=transforms), ring(), ring(),
-             (plgpu.Barrier(), plgpu.Barrier(num_barriers=num_stages),
-              plgpu.Barrier(num_barriers=num_stages)),
-             (plgpu.Barrier(num_barriers=num_stages),) * 2,
-             plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32))
+             plgpu.Barrier(), plgpu.Barrier(num_barriers=num_stages),
+             plgpu.Barrier(num_barriers=num_stages), plgpu.SMEM((ROWS,), jnp.float32))
   out, lse = plgpu.kernel(
       functools.partial(_kernel, st=st),
-      out_type=(jax.ShapeDtypeStruct((b, hkv, parts, window, d), q.dtype),
-                jax.ShapeDtypeStruct((b, hkv, parts, window), jnp.float32)),
+      out_type=(jax.ShapeDtypeStruct((b, hkv, num_splits, window, d), q.dtype),
+                jax.ShapeDtypeStruct((b, hkv, num_splits, window), jnp.float32)),
       scratch_types=scratch,
       grid=(num_splits, hkv, b),
       grid_names=("split", "head", "batch"),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           approx_math=True, profile_space=PROFILE_EVENTS if profile_dir else 0,
           profile_dir=profile_dir or ""),
@@ -301,7 +275,7 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
     kv_count.astype(jnp.int32).reshape(-1),
     *(jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,)) for x in (kv_len, prefix_len, q_offset)))
   # Merge only the G rows of each head's own group.
-  if decode.mergeable(parts, window, group, d):
+  if decode.mergeable(num_splits, window, group, d):
     merged = decode.merge_windows(out, lse, group=group, per_window=per_window,
                                   dtype=q.dtype, interpret=interpret)
   else:

@@ -27,6 +27,8 @@ def _case(seed, b, hq, hkv, s, block_k, budgets, d=64):
     (8, 1, 64, 128, 1, 6, ((257, 512), (0, 0), (256, 511))),       # GQA 8, one split, 6 slots
     (8, 2, 128, 64, 2, 2, ((512, 300), (0, 0), (511, 299))),       # 128-key blocks
     (8, 4, 64, 64, 1, 2, ((512, 300), (0, 0), (511, 299))),        # GQA 2: 4 groups a window
+    (8, 2, 64, 128, 4, 1, ((512, 300), (0, 0), (511, 299))),       # one slot, 4 splits
+    (8, 2, 64, 64, 0, None, ((512, 300), (0, 0), (511, 299))),     # the defaults
 ])
 def test_matches_the_reference(hq, hkv, block_k, d, splits, stages, lens):
   n_k = 512 // block_k
@@ -82,14 +84,14 @@ def test_merge_windows_is_the_combine_of_own_rows(group, per_window, parts):
   assert not np.asarray(got[1, 1]).any()                          # no key seen: 0
 
 
-@pytest.mark.parametrize('rows, width, want', [(32, 180, 4), (12, 180, 8), (32, 3, 2), (200, 9, 1)])
+@pytest.mark.parametrize('rows, width, want', [(32, 180, 8), (12, 180, 16), (32, 3, 2), (200, 9, 1)])
 def test_default_splits_are_powers_of_two(rows, width, want):
   assert mosaic_gpu_decode.default_splits(rows, width) == want
 
 
 def test_default_stages_fit():
   assert [mosaic_gpu_decode.default_stages(bk, d) for bk, d in
-          [(64, 128), (128, 128), (64, 64), (128, 64)]] == [6, 2, 6, 6]
+          [(64, 128), (128, 128), (64, 64), (128, 64)]] == [1, 1, 1, 1]
   q, kc = jnp.zeros((1, 1, 4, 128), jnp.bfloat16), jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
   assert mosaic_gpu_decode.unsupported(q, kc, 128) is None
   assert 'needs' in mosaic_gpu_decode.unsupported(q, kc, 128, num_stages=4)
@@ -107,7 +109,7 @@ def test_slices_cover_each_list_once(count, splits, want):
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(num_stages=3), 'num_stages=3 must be even'),
+    (dict(num_stages=0), 'num_stages=0 must be >= 1'),
     (dict(num_stages=8), 'num_stages=8 needs'),
     (dict(block_k=32), 'block_k=32'),
 ])
