@@ -729,6 +729,21 @@ def bench_decode(batch, cache, block_k=64, new=1):
   return res
 
 
+def write_report(stem, rows, table, **env):
+  """--out/stem.json (the run's device, jax version, date, `env` and the rows)
+  and --out/stem.md (table(rows, env)), and prints the table: the benchmark
+  tools' common ending."""
+  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+             date=time.strftime('%Y-%m-%d'), **env)
+  os.makedirs(FLAGS.value, exist_ok=True)
+  with open(os.path.join(FLAGS.value, f'{stem}.json'), 'w') as f:
+    json.dump(dict(env=env, rows=rows), f, indent=1)
+  text = table(rows, env)
+  with open(os.path.join(FLAGS.value, f'{stem}.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
 def chained(step, n):
   """n calls of a decode step in one jitted program, each one's output the next
   one's query, as a model's layers follow each other within one decode step.

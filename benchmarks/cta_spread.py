@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from absl import app
 import jax
@@ -97,19 +96,10 @@ def markdown(rows, env):
 
 
 def main(_):
-  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-             date=time.strftime('%Y-%m-%d'))
   with tempfile.TemporaryDirectory() as folder:
     rows = [trace_step(*map(int, spec.split('x')), os.path.join(folder, spec))
             for spec in attention._DECODE.value]
-  out = attention.FLAGS.value
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'cta_spread.json'), 'w') as f:
-    json.dump(dict(env=env, rows=rows), f, indent=1)
-  text = markdown(rows, env)
-  with open(os.path.join(out, 'cta_spread.md'), 'w') as f:
-    f.write(text)
-  print(text)
+  attention.write_report('cta_spread', rows, markdown)
 
 
 if __name__ == '__main__':

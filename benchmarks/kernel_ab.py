@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -118,19 +117,9 @@ def markdown(rows, env, bases):
 
 
 def report(stem, bench_rows, table):
-  """Runs bench_rows() -> rows, then writes DIR/stem.json (the run's device,
-  versions, date and --base, and the rows) and DIR/stem.md (table(rows, env))
-  and prints the table: the A/B tools' common ending."""
-  os.makedirs(attention.FLAGS.value, exist_ok=True)
-  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-             date=time.strftime('%Y-%m-%d'), base=_BASE.value)
-  rows = bench_rows()
-  with open(os.path.join(attention.FLAGS.value, f'{stem}.json'), 'w') as f:
-    json.dump(dict(env=env, rows=rows), f, indent=1)
-  text = table(rows, env)
-  with open(os.path.join(attention.FLAGS.value, f'{stem}.md'), 'w') as f:
-    f.write(text)
-  print(text)
+  """attention.write_report of bench_rows() with --base in its env: the A/B
+  tools' common ending."""
+  attention.write_report(stem, bench_rows(), table, base=_BASE.value)
 
 
 def main(_):

@@ -16,11 +16,9 @@ first entry's. Shape flags are attention.py's. Writes select_sweep.json/.md.
 import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
-import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
@@ -92,17 +90,8 @@ def markdown(rows, env):
 
 
 def main(_):
-  out = attention.FLAGS.value
-  os.makedirs(out, exist_ok=True)
-  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-             date=time.strftime('%Y-%m-%d'))
-  rows = [sweep(int(seq)) for seq in attention._SEQS.value]
-  with open(os.path.join(out, 'select_sweep.json'), 'w') as f:
-    json.dump(dict(env=env, rows=rows), f, indent=1)
-  table = markdown(rows, env)
-  with open(os.path.join(out, 'select_sweep.md'), 'w') as f:
-    f.write(table)
-  print(table)
+  attention.write_report('select_sweep', [sweep(int(seq)) for seq in attention._SEQS.value],
+                         markdown)
 
 
 if __name__ == '__main__':
