@@ -178,8 +178,17 @@ def top_k_rank(key, candidates=None):
   higher first, ties to the lower index. One [N, N] compare and a sum; XLA
   fuses the compare into the reduction, and in a kernel it stays in registers."""
   idx = jnp.arange(key.shape[-1], dtype=jnp.int32)
-  ki, kj = key[..., :, None], key[..., None, :]
-  beats = (kj > ki) | ((kj == ki) & (idx[None, :] < idx[:, None]))
+  return count_ahead(key, idx, key, idx, candidates)
+
+
+def count_ahead(key, idx, other_key, other_idx, candidates=None):
+  """int32 [..., N]: how many of the M others (other_key, other_idx [..., M];
+  of `candidates`, bool [..., M], default all) come before each entry (key,
+  idx [..., N]) in lax.top_k's order: higher key first, ties to the lower
+  index. top_k_rank is a row against itself; a kernel ranking part of a row
+  against all of it passes the two parts. One [N, M] compare and a sum."""
+  ki, kj = key[..., :, None], other_key[..., None, :]
+  beats = (kj > ki) | ((kj == ki) & (other_idx[..., None, :] < idx[..., :, None]))
   if candidates is not None:
     beats &= candidates[..., None, :]
   return beats.sum(axis=-1, dtype=jnp.int32)

@@ -248,6 +248,9 @@ def score_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget: jax.Array
   return (ids if padded else ids[..., :max_k]), count
 
 
+_INF_KEY = 0x7F800000   # total_order_key(+inf): a key above it is a +NaN
+
+
 def _ranked_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n_k, chunk,
                    span):
   """Program (b, h, c): the rank of chunk c's blocks among the row's
@@ -278,11 +281,8 @@ def _ranked_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n
   # spans, pipelined, took 13.3 us against 10.5 on an H200; docs/results.md).
   for start in range(0, kp_ref.shape[0], span):
     key, cand, ok, idx = keys_of(start, span)
-    ahead = (key[None, :] > own_key[:, None]) | (
-        (key[None, :] == own_key[:, None]) & (idx[None, :] < own_idx[:, None]))
-    if start + span > n_k:   # padding blocks never compete
-      ahead &= cand[None, :]
-    rank += jnp.sum(ahead.astype(jnp.int32), axis=1)
+    # Padding blocks never compete; a span without any needs no mask.
+    rank += bt.count_ahead(own_key, own_idx, key, idx, cand if start + span > n_k else None)
     nans, oks = nans + total(cand & (key > _INF_KEY)), oks + total(cand & ok)
   count = jnp.clip(jnp.minimum(budget_ref[...], n_k) - nans, 0, oks)
   slot = rank - nans
@@ -297,9 +297,6 @@ def _ranked_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n
   plgpu.store(ids_ref, jnp.full(ids_ref.shape, jnp.maximum(last, 0), jnp.int32),
               mask=pad & ((last >= 0) | ((count == 0) & (c == 0))))
   count_ref[...] = count
-
-
-_INF_KEY = 0x7F800000   # total_order_key(+inf): a key above it is a +NaN
 
 
 @functools.partial(jax.jit, static_argnames=('max_k', 'chunk', 'span', 'interpret',
