@@ -568,6 +568,34 @@ def decode_budget(sparsity, n_k):
   return max(2, int(np.ceil((1 - sparsity) * n_k)))
 
 
+def decode_case(batch, cache, block_k=64, sparsity=0.65):
+  """The decode tools' case (decode_ab, profile_decode, cta_spread,
+  decode_timeline): a timed step's arguments (q, the k and v caches, the
+  pooled keys, kv_len, prefix_len, q_offset; decode_inputs), the blocks a row
+  keeps at `sparsity`, and the step's selection method (decode_select_methods'
+  first)."""
+  q, kc, vc, lens = decode_inputs(batch, cache)
+  pooled = jax.jit(pool_keys, static_argnums=1)(kc, block_k)
+  return ((q, kc, vc, pooled, *lens), decode_budget(sparsity, cache // block_k),
+          decode_select_methods()[0])
+
+
+def mosaic_decode_step(budget, method, block_k=64, kernel=mosaic_gpu_decode,
+                       select_options=None, **options):
+  """jitted (q, k, v, pooled, kv_len, prefix_len, q_offset) -> out: a decode
+  step keeping `budget` blocks a row, decode_tables by `method` (and
+  select_options), then `kernel`'s sparse_decode (mosaic_gpu_decode, or a
+  version of its file) with `options`; on a CPU in the GPU interpreter (a
+  smoke run)."""
+  interpret = jax.default_backend() == 'cpu'
+
+  def step(q, k, v, pooled, *lens):
+    ids, count = decode_tables(q, pooled, budget, method, **(select_options or {}))
+    return kernel.sparse_decode(q, k, v, ids, count, *lens, block_k=block_k,
+                                interpret=interpret, **options)
+  return jax.jit(step)
+
+
 def decode_select_methods():
   """--select_method in a decode step's order: `ranked` first, then the
   tables_from_scores methods, then `fused` (the step takes the first, the
@@ -587,21 +615,27 @@ def cudnn_decode(q, k, v, kv_len):
                                       implementation='cudnn')
 
 
-def decode_tables(q, pooled, budget, method='top_k'):
+# cudnn_decode as a step of decode_case's arguments (the pooled keys unused).
+cudnn_decode_step = jax.jit(lambda q, k, v, pooled, kv_len, *_: cudnn_decode(q, k, v, kv_len))
+
+
+def decode_tables(q, pooled, budget, method='top_k', **ranked_options):
   """The timed selection of a decode step: the group's mean query against the
   pooled keys, the first and last blocks forced, `budget` blocks a row.
   method: a tables_from_scores method on XLA's scores (an einsum and the
   forcing, two kernels, then the tables), `fused`: all of it in one kernel
   (select_triton.score_tables, one program a (batch, kv head), the new tokens
   as its query tile), or `ranked`: all of it in one kernel of several programs
-  a row, ids in rank order (select_triton.decode_ranked_tables). The same
-  blocks up to the scores' summation order."""
+  a row, ids in rank order (select_triton.decode_ranked_tables, with
+  ranked_options: its chunk, num_warps). The same blocks up to the scores'
+  summation order."""
   n_k = pooled.shape[1]
   first_or_last = (np.arange(n_k) == 0) | (np.arange(n_k) == n_k - 1)
   rule = np.where(first_or_last, select_triton.FORCED, select_triton.CANDIDATE).astype(np.int8)
   if method == 'ranked':
     return select_triton.decode_ranked_tables(q, pooled, jnp.asarray(rule), budget, budget,
-                                              interpret=jax.default_backend() == 'cpu')
+                                              interpret=jax.default_backend() == 'cpu',
+                                              **ranked_options)
   if method == 'fused':
     b, m = q.shape[:2]
     ids, count = select_triton.score_tables(

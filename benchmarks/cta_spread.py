@@ -1,5 +1,6 @@
 """When each CTA of the Mosaic decode kernel starts and ends, from Mosaic GPU's
-profiler: one 65% decode step at --decode's shapes, tables made outside.
+profiler: one 65% decode step at --decode's shapes (attention.decode_case; the
+selection runs before the kernel, untraced).
 
   python benchmarks/cta_spread.py --decode 8x32768 --out DIR
 
@@ -31,7 +32,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
-from pallas_kernels.sparse_attention import mosaic_gpu_decode  # noqa: E402
 
 
 def ranges(events):
@@ -63,16 +63,11 @@ def spread(named):
 
 
 def trace_step(batch, cache, folder):
-  q, kc, vc, lens = attention.decode_inputs(batch, cache)
-  pooled = jax.jit(attention.pool_keys, static_argnums=1)(kc, 64)
-  budget = attention.decode_budget(0.65, cache // 64)
-  method = attention.decode_select_methods()[0]
-  tables = jax.jit(lambda q, p: attention.decode_tables(q, p, budget, method))(q, pooled)
+  args, budget, method = attention.decode_case(batch, cache)
   for sub in ('warm', 'traced'):
     path = os.path.join(folder, sub)
     os.makedirs(path, exist_ok=True)
-    jax.block_until_ready(mosaic_gpu_decode.sparse_decode(
-        q, kc, vc, *tables, *lens, block_k=64, profile_dir=path))
+    jax.block_until_ready(attention.mosaic_decode_step(budget, method, profile_dir=path)(*args))
   (trace,) = glob.glob(os.path.join(folder, 'traced', '*.json'))
   with open(trace) as f:
     events = json.load(f)['traceEvents']

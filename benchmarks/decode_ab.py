@@ -10,7 +10,8 @@ One process, the same inputs, every step timed in alternation
 attention.py's decode selection (--select_method's first decode method, its
 block scores against the pooled keys, 65% of the blocks skipped) and a
 version's kernel at its defaults; `new_<method>`, this tree's kernel after each
-other decode method of --select_method. `new_headmajor` runs this tree's step on the
+other decode method of --select_method; `new_ranked_cCHUNKwWARPS`, after the
+`ranked` selection at each --ranked_launch shape. `new_headmajor` runs this tree's step on the
 same cache laid out head-major (each kv head's blocks contiguous:
 attention.head_major_decode_args). Each step is timed per call and as
 --decode_chain steps chained in one program (attention.chained), per step.
@@ -34,38 +35,30 @@ from benchmarks import timing  # noqa: E402
 from pallas_kernels.sparse_attention import mosaic_gpu_decode  # noqa: E402
 
 _HEAD_MAJOR = flags.DEFINE_bool('head_major', True, 'also time new_headmajor')
-
-
-def step_with(module, method, budget, block_k):
-  """jitted (q, k, v, pooled, kv_len, prefix_len, q_offset) -> out: the
-  selection, then `module`'s kernel."""
-  interpret = jax.default_backend() == 'cpu'   # a smoke run: the GPU interpreter
-
-  def step(q, k, v, pooled, *lens):
-    ids, count = attention.decode_tables(q, pooled, budget, method)
-    return module.sparse_decode(q, k, v, ids, count, *lens, block_k=block_k,
-                                interpret=interpret)
-  return jax.jit(step)
+_RANKED_LAUNCH = flags.DEFINE_list('ranked_launch', [], 'CHUNKxWARPS launch shapes of the '
+                                   '`ranked` selection: each also times this tree\'s kernel '
+                                   'after it, as new_ranked_cCHUNKwWARPS')
 
 
 def bench(batch, cache, bases):
   block_k = 64
-  q, kc, vc, lens = attention.decode_inputs(batch, cache)
-  pooled = jax.jit(attention.pool_keys, static_argnums=1)(kc, block_k)
-  budget = attention.decode_budget(0.65, cache // block_k)
-  method, *others = attention.decode_select_methods()
-  args = (q, kc, vc, pooled, *lens)
-  steps = {name: step_with(module, method, budget, block_k)
+  args, budget, method = attention.decode_case(batch, cache, block_k)
+  q, kc = args[:2]
+  others = attention.decode_select_methods()[1:]
+  steps = {name: attention.mosaic_decode_step(budget, method, block_k, module)
            for name, module in {'new': mosaic_gpu_decode, **bases}.items()}
   # This tree's kernel after each other selection method: `new_<method>`.
-  steps |= {f'new_{m}': step_with(mosaic_gpu_decode, m, budget, block_k) for m in others}
+  steps |= {f'new_{m}': attention.mosaic_decode_step(budget, m, block_k) for m in others}
+  for spec in _RANKED_LAUNCH.value:
+    chunk, warps = map(int, spec.split('x'))
+    steps[f'new_ranked_c{chunk}w{warps}'] = attention.mosaic_decode_step(
+        budget, 'ranked', block_k, select_options=dict(chunk=chunk, num_warps=warps))
   want = np.asarray(steps['new'](*args), np.float32)
   row = dict(batch=batch, cache=cache, select=method, rel_err={})
   for name, step in steps.items():
     row['rel_err'][name] = attention.rel_err(step(*args), want)
   if jax.default_backend() == 'gpu':
-    steps['cudnn'] = jax.jit(lambda q, k, v, kp, kv_len, *_: attention.cudnn_decode(
-        q, k, v, kv_len))
+    steps['cudnn'] = attention.cudnn_decode_step
   hkv = kc.shape[2]
   chain = attention._DECODE_CHAIN.value or 8
   row['chain'] = chain

@@ -82,15 +82,13 @@ def run_profiled(paths):
 
 def main(_):
   b, s, bk = _BATCH.value, _CACHE.value, _BLOCK_K.value
-  q, kc, vc, lens = attention.decode_inputs(b, s)
+  step_args, budget, method = attention.decode_case(b, s, bk, _SPARSITY.value)
+  q, kc, vc, pooled, *lens = step_args
   kv_len, n_k = lens[0], s // bk
-  budget = attention.decode_budget(_SPARSITY.value, n_k)
-  pooled = attention.pool_keys(kc, bk)
   ids, count = attention.decode_tables(q, pooled, budget)
   scores = attention.decode_scores(q, pooled)
   cutoff = jnp.full(scores.shape[:-1], budget - 2, jnp.int32)
   mosaic = attention.mosaic_decode_kernel(_MOSAIC.value, bk)
-  method = attention.decode_select_methods()[0]
   paths = {
       'cudnn': (attention.cudnn_decode, (q, kc, vc, kv_len)),
       'tables': (jax.jit(lambda q, k, v, i, c, *lens: decode.sparse_decode(
@@ -99,9 +97,8 @@ def main(_):
           q, k, v, sc, cu, *lens, block_k=bk, rule='top_k')),
                 (q, kc, vc, scores, cutoff, *lens)),
       'mosaic': (mosaic, (q, kc, vc, ids, count, *lens)),
-      'mosaic_step': (jax.jit(lambda q, k, v, kp, *lens: mosaic(
-          q, k, v, *attention.decode_tables(q, kp, budget, method), *lens)),
-                      (q, kc, vc, pooled, *lens)),
+      'mosaic_step': (attention.mosaic_decode_step(
+          budget, method, bk, **attention.decode_config(_MOSAIC.value)), step_args),
   }
   run_profiled({name: paths[name] for name in _PATHS.value})
   cache_mb = 2 * kc.size * kc.dtype.itemsize / 1e6   # K and V

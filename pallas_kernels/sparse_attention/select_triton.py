@@ -299,11 +299,26 @@ def _ranked_kernel(q_ref, kp_ref, rule_ref, budget_ref, ids_ref, count_ref, *, n
   count_ref[...] = count
 
 
+# Programs decode_ranked_tables aims for: about one an SM of an H100 or H200.
+RANKED_PROGRAMS = 128
+
+
+def ranked_launch(rows: int, width: int) -> tuple[int, int]:
+  """decode_ranked_tables' default (chunk, num_warps) for `rows` rows of
+  `width` blocks: chunks of a power of two in [16, 128] that make about
+  RANKED_PROGRAMS programs. Chained whole steps on an H200 (docs/results.md):
+  at batch 8 x 32k (32 rows of 512) chunks of 128 beat 64 by 8%; at 1 x 32k
+  (4 rows) 16 beat 128 by 11%; at 8 x 8k (32 rows of 128) 32 to 128 within 1%."""
+  chunk = pl.next_power_of_2(max(1, rows * width // RANKED_PROGRAMS))
+  chunk = min(128, max(16, chunk), width)
+  return chunk, 16 if chunk >= 64 else 8
+
+
 @functools.partial(jax.jit, static_argnames=('max_k', 'chunk', 'span', 'interpret',
                                              'num_warps'))
 def decode_ranked_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget, max_k: int,
-                         *, chunk: int = 128, span: int = 512, interpret: bool = False,
-                         num_warps: int = 16):
+                         *, chunk: int | None = None, span: int = 512, interpret: bool = False,
+                         num_warps: int | None = None):
   """A decode step's selection in one kernel, its ids in rank order (best
   first), several programs a row: (ids [B, Hkv, W'], count [B, Hkv]).
 
@@ -314,7 +329,8 @@ def decode_ranked_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget, m
   whole row (cheap: W x D multiply-adds, from L2 after the first program) and
   ranks only chunk c's blocks against it, in [chunk, span] compares (one pass
   at the defaults); a kept block's rank is its slot, so no program waits for
-  another: 10 us there, 4 programs a row at 16 warps. The decode kernels read
+  another: 10 us there, 4 programs a row at 16 warps. chunk / num_warps None:
+  ranked_launch's (about one program an SM). The decode kernels read
   a list in any order (each block's keys are masked by the one bound of a new
   token). Scores are f32 throughout, as attention.decode_scores'.
 
@@ -333,13 +349,16 @@ def decode_ranked_tables(q: jax.Array, kp: jax.Array, rule: jax.Array, budget, m
   if hq % hkv or kp.shape != (b, n_k, hkv, d) or rule.shape not in ((n_k,), (b, n_k)):
     raise ValueError(f'decode_ranked_tables: {q.shape=}, {kp.shape=} and {rule.shape=} '
                      'disagree (want q [B, M, Hq, D], kp [B, nK, Hkv, D], rule [nK] or [B, nK])')
+  width = pl.next_power_of_2(n_k)
+  auto_chunk, auto_warps = ranked_launch(b * hkv, width)
+  chunk, num_warps = chunk or auto_chunk, num_warps or auto_warps
   for name, n in (('new tokens', m), ('group', group), ('head_dim', d), ('chunk', chunk),
                   ('span', span)):
     if n & (n - 1):
       raise ValueError(f'decode_ranked_tables: {name}={n} must be a power of two')
   if not 1 <= max_k <= n_k:
     raise ValueError(f"{max_k=} must be in [1, {n_k=}]")
-  width, out_width = pl.next_power_of_2(n_k), pl.next_power_of_2(max_k)
+  out_width = pl.next_power_of_2(max_k)
   chunk, span = min(chunk, width), min(span, width)
   rule = jnp.pad(jnp.asarray(rule, jnp.int8), [(0, 0)] * (rule.ndim - 1) + [(0, width - n_k)])
   if width != n_k:

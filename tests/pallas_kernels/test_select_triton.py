@@ -200,6 +200,16 @@ def test_ranked_decode_tables_keep_top_ks_blocks_best_first(new, n_k, budget, ch
       *bench.decode_tables(q, kp, budget, 'top_k'))
 
 
+@pytest.mark.parametrize('rows, width, launch', [
+    (32, 512, (128, 16)),   # batch 8 x 32k, 4 kv heads: 4 programs a row
+    (4, 512, (16, 8)),      # batch 1 x 32k: 32 programs a row
+    (32, 128, (32, 8)),     # batch 8 x 8k
+    (1, 8, (8, 8)),         # a row narrower than the smallest chunk
+])
+def test_ranked_launch_aims_at_one_program_an_sm(rows, width, launch):
+  assert select_triton.ranked_launch(rows, width) == launch
+
+
 def test_ranked_decode_tables_match_tables_from_scores_on_odd_scores():
   """Per-row budgets and rules, +-inf and NaN scores (a NaN pooled key), an
   empty row (budget 0): the counts and kept sets of tables_from_scores."""
