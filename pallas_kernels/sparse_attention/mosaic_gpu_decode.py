@@ -55,6 +55,11 @@ SMEM_BYTES = 227 * 1024
 CTAS = 256
 # Profiler events a warpgroup may record (profile_dir): a range is two.
 PROFILE_EVENTS = 16
+# K/V slots a CTA by default: 48 KB of shared memory at block_k 64, head dim
+# 128. With two a chained step took 3% longer at batch 8 x 32k, with three (112
+# KB a CTA) 14% at 512 CTAs; prefetching the next blocks into L2 instead took
+# 6-41% longer (H200, docs/results.md): more bytes in flight slow the stream.
+STAGES = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,14 +183,6 @@ def _smem_bytes(block_k, head_dim, num_stages, itemsize):
   return (ROWS + 2 * num_stages * block_k) * head_dim * itemsize
 
 
-def default_stages(block_k, head_dim, itemsize=2):
-  """K/V slots a CTA by default: 1 (48 KB at block_k 64, head dim 128). With
-  two a chained step took 3% longer at batch 8 x 32k, with three (112 KB a
-  CTA) 14% at 512 CTAs (H200, docs/results.md)."""
-  del block_k, head_dim, itemsize
-  return 1
-
-
 def check_config(block_k, head_dim, num_stages, itemsize=2):
   """Raises ValueError naming the option that does not fit."""
   if block_k not in (64, 128):
@@ -203,7 +200,7 @@ def check_config(block_k, head_dim, num_stages, itemsize=2):
 
 def unsupported(q, k_cache, block_k, num_stages=None) -> str | None:
   """Why this kernel cannot take these shapes (None: it can); num_stages
-  None: default_stages."""
+  None: STAGES."""
   _, m, hq, d = q.shape
   if m != 1:
     return f"mosaic sparse_decode takes one new token per row; got q {q.shape}"
@@ -215,8 +212,7 @@ def unsupported(q, k_cache, block_k, num_stages=None) -> str | None:
     return (f"mosaic sparse_decode: cache length {k_cache.shape[1]} must be a multiple of "
             f"{block_k=}")
   try:
-    check_config(block_k, d, num_stages or default_stages(block_k, d, q.dtype.itemsize),
-                 q.dtype.itemsize)
+    check_config(block_k, d, num_stages or STAGES, q.dtype.itemsize)
   except ValueError as e:
     return str(e)
   return None
@@ -235,7 +231,7 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
   (decode.sparse_decode's arguments). Returns [B, 1, Hq, D] in q.dtype; a row
   with no visible key outputs 0. num_splits: slices a list is cut into (0:
   about CTAS CTAs in all, a power of two); num_stages: K/V slots a CTA (None:
-  default_stages). profile_dir: a GPU run records each CTA's `blocks` range
+  STAGES). profile_dir: a GPU run records each CTA's `blocks` range
   (its loop) with its SM and clock (Mosaic GPU's profiler) and writes a trace
   there, once a compiled kernel (benchmarks/cta_spread.py).
   """
@@ -249,7 +245,7 @@ def sparse_decode(q, k_cache, v_cache, kv_ids, kv_count, kv_len, prefix_len, q_o
     raise ValueError(f"mosaic sparse_decode: {kv_ids.shape=} / {kv_count.shape=} must be "
                      f"(B, Hkv, max_k) / (B, Hkv) with (B, Hkv)={(b, hkv)}")
   num_splits = num_splits or default_splits(b * hkv, kv_ids.shape[-1])
-  num_stages = num_stages or default_stages(block_k, d, q.dtype.itemsize)
+  num_stages = num_stages or STAGES
   q_rows, window, per_window = _q_windows(q, hkv)
   st = _Static(block_k=block_k, num_stages=num_stages, num_splits=num_splits,
                scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, dtype=q.dtype,

@@ -90,8 +90,8 @@ def test_default_splits_are_powers_of_two(rows, width, want):
 
 
 def test_default_stages_fit():
-  assert [mosaic_gpu_decode.default_stages(bk, d) for bk, d in
-          [(64, 128), (128, 128), (64, 64), (128, 64)]] == [1, 1, 1, 1]
+  for bk, d in [(64, 128), (128, 128), (64, 64), (128, 64)]:
+    mosaic_gpu_decode.check_config(bk, d, mosaic_gpu_decode.STAGES)
   q, kc = jnp.zeros((1, 1, 4, 128), jnp.bfloat16), jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
   assert mosaic_gpu_decode.unsupported(q, kc, 128) is None
   assert 'needs' in mosaic_gpu_decode.unsupported(q, kc, 128, num_stages=4)
