@@ -2,7 +2,7 @@
 profiler (CUPTI's kernel records): each kernel's duration, the gap before it,
 and the step's wall clock beside them, so the time no kernel covers (dispatch,
 launch) shows. Nsight Compute runs each kernel alone and adds to its time (the
-65% step's three kernels summed 61.9 us under it, 57.2 here; docs/results.md);
+65% step's three kernels summed 61.9 us under it, 57.1 here; docs/results.md);
 this runs them as a timed call does.
 
   python benchmarks/decode_timeline.py --decode 8x32768 --decode_chain 8 --out DIR
