@@ -37,6 +37,14 @@ GATE_NAME = 'block_gate'
 # The config.model.sparse keys that only choose blocks: an eval can change them
 # on a trained gate (set_selection), unlike block sizes or the gate's width.
 SELECTION_KEYS = ('threshold', 'top_k', 'coverage')
+# The KV-cache entry beside sg.KEY_STATS: each key block's gate key (its pooled
+# statistics projected and rotated, f32 [B, nK, Hkv, gate_dim]). A decode step
+# re-projects the block its new token lands in and reads the rest: before, it
+# re-pooled and re-projected every block, [B, nK, Hkv, 3D] f32 written and read
+# again each step: two kernels of 12.2 and 10.2 us in a layer step of 148 us of
+# kernels at batch 8, cache 32k; the step 0.159 -> 0.132 ms (H200,
+# benchmarks/layer_decode.py, docs/results.md).
+GATE_KEY = 'gate_key'
 
 
 class SelectionValue(nnx.Variable):
@@ -112,19 +120,24 @@ class BlockGate(nnx.Module):
     pooled_q = sg.pool_queries(q, bq, num_queries)
     n_q = pooled_q.shape[1]
     q_start = jnp.broadcast_to(jnp.arange(n_q) * bq, (q.shape[0], n_q))
-    return self._score(pooled_q, q_start,
-                       sg.pool_keys(k, self.block_sizes.block_k, mask.kv_len), visible)
+    pooled_k = sg.pool_keys(k, self.block_sizes.block_k, mask.kv_len)
+    return self._score(pooled_q, q_start, self._gate_keys(pooled_k), visible)
 
-  def _score(self, pooled_q, q_start, pooled_k, visible):
-    """Pooled pre-rotary queries [B, nQ, Hq, D] of blocks starting at q_start
-    [B, nQ] and keys [B, nK, Hkv, 3D] -> log-probs [B, Hkv, nQ, nK]."""
-    gq = jnp.einsum('bqhd,hdg->bqhg', pooled_q, self.q_proj[...].astype(jnp.float32))
+  def _gate_keys(self, pooled_k, blocks=None):
+    """Pooled key statistics [B, n, Hkv, 3D] of key blocks `blocks` (int [B, n];
+    default 0 .. n-1) -> their gate keys [B, n, Hkv, gate_dim], rotated at each
+    block's first position (so a score sees relative offsets)."""
+    if blocks is None:
+      blocks = jnp.broadcast_to(jnp.arange(pooled_k.shape[1]), pooled_k.shape[:2])
     gk = jnp.einsum('bkhe,heg->bkhg', pooled_k, self.k_proj[...].astype(jnp.float32))
-    # Rotary at each block's first position: the score sees relative offsets.
-    n_k = gk.shape[1]
-    k_start = jnp.broadcast_to(jnp.arange(n_k) * self.block_sizes.block_k, gk.shape[:2])
+    return layers.rope(gk, blocks * self.block_sizes.block_k, self.rope_base)
+
+  def _score(self, pooled_q, q_start, gate_keys, visible):
+    """Pooled pre-rotary queries [B, nQ, Hq, D] of blocks starting at q_start
+    [B, nQ] and gate keys [B, nK, Hkv, gate_dim] -> log-probs [B, Hkv, nQ, nK]."""
+    gq = jnp.einsum('bqhd,hdg->bqhg', pooled_q, self.q_proj[...].astype(jnp.float32))
     gq = layers.rope(gq, q_start, self.rope_base)
-    gk = layers.rope(gk, k_start, self.rope_base)
+    gk = gate_keys
     b, n_q, hq, g_dim = gq.shape
     gq = gq.reshape(b, n_q, hq // self.group, self.group, g_dim)
     logits = jnp.einsum('bqkgd,bpkd->bkgqp', gq, gk) * g_dim ** -0.5
@@ -174,28 +187,45 @@ class BlockGate(nnx.Module):
     return out[:, :t]
 
   def empty_key_stats(self, batch, length):
-    """The KV-cache entries (sg.KEY_STATS) of a cache of `length` positions
-    (a block multiple) before any key is written."""
-    return sg.empty_key_stats(batch, length // self.block_sizes.block_k,
-                              self.num_kv_heads, self.head_dim)
+    """The KV-cache entries (sg.KEY_STATS and GATE_KEY) of a cache of `length`
+    positions (a block multiple) before any key is written: an empty block's
+    gate key is 0, as its pooled statistics are."""
+    n_k = length // self.block_sizes.block_k
+    gate_key = jnp.zeros((batch, n_k, self.num_kv_heads, self.q_proj[...].shape[-1]), jnp.float32)
+    return dict(sg.empty_key_stats(batch, n_k, self.num_kv_heads, self.head_dim),
+                **{GATE_KEY: gate_key})
 
   def fold_keys(self, cache, k_raw, mask):
     """The cache with this call's pre-rotary keys k_raw [B, T, Hkv, D], at
-    positions q_offset + t, folded into its key-block statistics."""
+    positions q_offset + t, folded into its key-block statistics, and the gate
+    keys of the blocks they changed: one new token changes one block (the
+    blocks before it are full, those after it empty); a prefill, all."""
+    bk = self.block_sizes.block_k
     positions = mask.q_offset[:, None] + jnp.arange(k_raw.shape[1])
-    return dict(cache, **sg.fold_key_stats(cache, k_raw, positions, mask.kv_len,
-                                           self.block_sizes.block_k))
+    cache = dict(cache, **sg.fold_key_stats(cache, k_raw, positions, mask.kv_len, bk))
+    if k_raw.shape[1] > 1:
+      return dict(cache, **{GATE_KEY: self._gate_keys(
+          sg.pooled_key_stats(cache, mask.kv_len, bk))})
+    n_k = cache[GATE_KEY].shape[1]
+    blocks = jnp.minimum(positions // bk, n_k - 1)
+    new = self._gate_keys(sg.pooled_key_stats(cache, mask.kv_len, bk, blocks), blocks)
+    # A token at or past kv_len is padding (fold_key_stats drops it): its block stays.
+    real = (positions < jnp.asarray(mask.kv_len)[:, None])[:, :, None, None]
+    rows = jnp.arange(k_raw.shape[0])[:, None]
+    old = cache[GATE_KEY][rows, blocks]
+    return dict(cache, **{GATE_KEY: cache[GATE_KEY].at[rows, blocks].set(
+        jnp.where(real, new, old))})
 
   def select_decode(self, q_raw, cache, mask):
     """A decode step's key blocks [B, Hkv, 1, nK]: the prefill's gate and rule,
     with the step's M new tokens (pre-rotary q_raw [B, M, Hq, D], starting at
-    q_offset) as the query block and the cache's key-block statistics, which
-    hold every key < kv_len, pooled as pool_keys would."""
+    q_offset) as the query block and the cache's gate keys, those of its
+    key-block statistics, which hold every key < kv_len (fold_keys)."""
     m, bk = q_raw.shape[1], self.block_sizes.block_k
     n_k = cache['k'].shape[1] // bk
     visible = sg.visible_tiles(mask, m, cache['k'].shape[1], 1, n_k, bt.BlockSizes(m, bk))
     log_p = self._score(sg.pool_queries(q_raw, m, m), mask.q_offset[:, None],
-                        sg.pooled_key_stats(cache, mask.kv_len, bk), visible)
+                        cache[GATE_KEY], visible)
     return self._keep(log_p, visible, sg.forced_decode_blocks(mask.q_offset, m, n_k, bk))
 
   def attend_decode(self, q_raw, q, cache, mask):

@@ -74,7 +74,9 @@ def _pooled(hi, lo, total, count):
 
 
 # A decode step's KV cache keeps these per key block, over the pre-rotary keys
-# written so far: pooling then costs O(nK) per step, not a pass over the cache.
+# written so far: pooling then costs O(nK) per step, not a pass over the cache
+# (and models/gate.py keeps each block's projected gate key beside them, so a
+# step re-projects only the block its new token lands in).
 KEY_STATS = ('gate_max', 'gate_min', 'gate_sum')
 
 
@@ -101,14 +103,23 @@ def fold_key_stats(stats, k, positions, kv_len, block_k):
               gate_sum=at('gate_sum').add(k, mode='drop'))
 
 
-def pooled_key_stats(stats, kv_len, block_k):
+def pooled_key_stats(stats, kv_len, block_k, blocks=None):
   """pool_keys of every key < kv_len[b], from the KEY_STATS that hold exactly
-  those keys: [B, nK, Hkv, 3D] in f32."""
-  n_k = stats['gate_max'].shape[1]
-  first = jnp.arange(n_k) * block_k
-  count = jnp.clip(jnp.asarray(kv_len, jnp.int32)[:, None] - first, 0, block_k)
+  those keys: [B, nK, Hkv, 3D] in f32. blocks: int [B, n], the key blocks to
+  pool (block_stats of them; default every block)."""
+  if blocks is None:
+    blocks = jnp.arange(stats['gate_max'].shape[1])[None]
+  else:
+    stats = block_stats(stats, blocks)
+  count = jnp.clip(jnp.asarray(kv_len, jnp.int32)[:, None] - blocks * block_k, 0, block_k)
   return _pooled(stats['gate_max'], stats['gate_min'], stats['gate_sum'],
                  count[:, :, None, None])
+
+
+def block_stats(stats, blocks):
+  """The KEY_STATS of key blocks blocks [B, n] (row b's own): [B, n, Hkv, D] each."""
+  return {name: jnp.take_along_axis(stats[name], blocks[:, :, None, None], axis=1)
+          for name in KEY_STATS}
 
 
 def element_visible(mask, q_pos, k_pos):

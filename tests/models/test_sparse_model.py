@@ -208,7 +208,7 @@ def test_sparse_decode_keeping_every_block_equals_dense_decode(dense):
   np.testing.assert_array_equal(tokens, want_tokens)
   assert len(np.unique(tokens)) > 3
   np.testing.assert_allclose(logits, want_logits, atol=2e-5)
-  assert set(cache[0]) == {'k', 'v', *sg.KEY_STATS}      # the decode steps kept statistics
+  assert set(cache[0]) == {'k', 'v', *sg.KEY_STATS, gate.GATE_KEY}   # kept statistics
   # The eval's sparsity figures still cover the prefill only.
   assert stats.keys() == want_stats.keys() and float(stats['visible_tiles'].sum()) > 0
   for name, value in stats.items():
@@ -317,8 +317,14 @@ def test_cache_key_statistics_are_the_pooled_keys_of_the_whole_sequence(dense):
   for i, cache in enumerate(caches):
     k_raw = captured[('decoder', 'blocks', i, 'attn', 'k', '__call__')].get_value()[0]
     k_raw = jnp.pad(k_raw, ((0, 0), (0, cache['k'].shape[1] - k_raw.shape[1]), (0, 0), (0, 0)))
-    np.testing.assert_allclose(sg.pooled_key_stats(cache, kv_len, bk),
-                               sg.pool_keys(k_raw, bk, kv_len), atol=1e-5, err_msg=f'layer {i}')
+    pooled = sg.pool_keys(k_raw, bk, kv_len)
+    np.testing.assert_allclose(sg.pooled_key_stats(cache, kv_len, bk), pooled, atol=1e-5,
+                               err_msg=f'layer {i}')
+    # Each block's gate key, re-projected only when a token landed in it, is the
+    # projection of the whole sequence's pooled keys.
+    g = model.decoder.blocks[i].attn.block_gate
+    np.testing.assert_allclose(cache[gate.GATE_KEY], g._gate_keys(pooled), atol=1e-4,
+                               err_msg=f'layer {i}')   # pylint: disable=protected-access
 
 
 def test_cache_layout_and_the_decode_flag_is_checked():
@@ -328,6 +334,9 @@ def test_cache_layout_and_the_decode_flag_is_checked():
   assert cache[0]['k'].shape == (2, 36, hkv, d)
   for name in sg.KEY_STATS:
     assert cache[0][name].shape == (2, 3, hkv, d) and cache[0][name].dtype == jnp.float32
+  gate_dim = model.decoder.blocks[0].attn.block_gate.q_proj[...].shape[-1]
+  assert cache[0][gate.GATE_KEY].shape == (2, 3, hkv, gate_dim)
+  assert not cache[0][gate.GATE_KEY].any()                # an empty block's key is 0
   off = tiny_config()
   off.model.sparse.decode = True                          # no gate: ignored, dense decode
   assert all(set(c) == {'k', 'v'} and c['k'].shape[1] == 30

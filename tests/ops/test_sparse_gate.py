@@ -59,8 +59,11 @@ def test_key_stats_folded_in_chunks_pool_like_pool_keys():
     chunk = np.take_along_axis(k, positions[:, :, None, None], axis=1)
     stats = sg.fold_key_stats(stats, chunk, positions, np.array(kv_len), 4)
   kv_len = np.array([9, 11])
-  np.testing.assert_allclose(sg.pooled_key_stats(stats, kv_len, 4), sg.pool_keys(k, 4, kv_len),
-                             rtol=1e-6)
+  pooled = sg.pooled_key_stats(stats, kv_len, 4)
+  np.testing.assert_allclose(pooled, sg.pool_keys(k, 4, kv_len), rtol=1e-6)
+  blocks = np.array([[2, 0], [3, 2]])                          # a partial and an empty block
+  np.testing.assert_array_equal(sg.pooled_key_stats(stats, kv_len, 4, blocks),
+                                np.take_along_axis(pooled, blocks[:, :, None, None], axis=1))
 
 
 def test_forced_decode_blocks_are_the_first_and_the_new_tokens_blocks():

@@ -1,0 +1,169 @@
+"""One attention layer of the model as a decode step runs it: the learned gate's
+sparse path against the same layer decoding densely.
+
+  python benchmarks/layer_decode.py --decode 8x32768 --decode_chain 8 --out DIR
+
+benchmarks/attention.py times the kernels behind a stand-in selection (the
+group's mean query against max-pooled keys). Here the step is the model's own
+(models.attention.Attention with config.model.sparse.decode): the q/k/v
+projections, the cache write, the gate's key statistics folded, its learned
+selection (pooled statistics projected and rotated, softmax over key blocks,
+top-k) and compact tables, the sparse decode kernel (`auto`), the output
+projection. `dense` is the same layer without the gate: its decode reads the
+whole cache through ops.attention (`auto`: cuDNN on a GPU). The layer has
+attention.py's shape (--heads, --kv_heads, --head_dim; width heads x head_dim),
+bf16 weights and compute, random parameters and a cache of random keys; the sparse layer
+keeps --keep of the key blocks (top_k, threshold 0). Each step chains
+--decode_chain tokens in one program (the cache donated and carried), timed
+in alternation (--repeats rounds of --iters calls); --trace_kernels N lists each
+layer's N longest kernels from one traced call. Writes DIR/layer_decode.{json,md}.
+"""
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import attention  # noqa: E402
+from benchmarks import decode_timeline  # noqa: E402
+from configs import flash  # noqa: E402
+from flashmm_jax import ops  # noqa: E402
+from flashmm_jax.models import attention as model_attention  # noqa: E402
+
+_KEEP = flags.DEFINE_float('keep', 0.35, 'share of the key blocks the sparse layer keeps')
+_TRACE = flags.DEFINE_integer('trace_kernels', 0, 'also trace one chained call of each '
+                              'layer (JAX profiler, CUPTI) and report its N longest kernels')
+BLOCK_K = 64
+
+
+def layer(sparse, n_k, keep):
+  """An Attention layer of attention.py's shape; `sparse`: with its gate,
+  decode steps sparse, keeping ceil(keep * n_k) blocks (first and last forced)."""
+  hq, hkv, d = attention._HEADS.value, attention._KV_HEADS.value, attention._HEAD_DIM.value
+  cfg = flash.get_config('tiny').model
+  cfg.dtype = cfg.param_dtype = 'bfloat16'   # tiny computes in f32 (CPU tests)
+  cfg.sparse.update(enabled=sparse, decode=sparse, block_k=BLOCK_K, threshold=0.0,
+                    top_k=attention.decode_budget(1 - keep, n_k) - 2, kernel='auto')
+  return model_attention.Attention(hq * d, hq, hkv, d, cfg, rngs=nnx.Rngs(0),
+                                   rope_base=cfg.lm.rope_base)
+
+
+def filled_cache(attn, batch, length):
+  """attn's cache of `length` positions, every one written: random bf16 keys and
+  values, and (sparse) finite random key statistics of full blocks."""
+  cache = attn.init_cache(batch, length, jnp.bfloat16)
+  keys = iter(jax.random.split(jax.random.key(1), len(cache)))
+  for name, x in cache.items():
+    r = jax.random.normal(next(keys), x.shape, jnp.float32)
+    cache[name] = (r * BLOCK_K if name == 'gate_sum' else r).astype(x.dtype)
+  return cache
+
+
+def chained_steps(attn, n):
+  """jitted (x [B, 1, W], cache, start [B]) -> (x, cache): n decode steps at
+  positions start .. start + n - 1, each step's output the next one's input;
+  the cache is donated."""
+  graphdef, state = nnx.split(attn)
+
+  def run(state, x, cache, start):
+    module = nnx.merge(graphdef, state)
+    for i in range(n):
+      pos = start + i
+      mask = ops.attention.MaskSpec(q_offset=pos, kv_len=pos + 1,
+                                    prefix_len=jnp.zeros_like(pos), causal=True)
+      x, cache = module(x, pos[:, None], mask, cache)
+    return x, cache
+  step = jax.jit(run, donate_argnums=(2,))
+  return lambda x, cache, start: step(state, x, cache, start)
+
+
+def time_steps(fns, inputs, rounds, iters):
+  """{name: median ms a call} of fns[name](x, cache, start) -> (x, cache),
+  each fed its own output (the cache is donated), in alternation."""
+  runs = {name: [] for name in fns}
+  for _ in range(rounds + 1):   # the first round compiles and warms up
+    for name, fn in fns.items():
+      x, cache, start = inputs[name]
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        x, cache = fn(x, cache, start)
+      jax.block_until_ready((x, cache))
+      runs[name].append((time.perf_counter() - t0) / iters * 1e3)
+      inputs[name] = (x, cache, start)
+  return {name: statistics.median(t[1:]) for name, t in runs.items()}
+
+
+def bench(batch, length):
+  n_k, chain = length // BLOCK_K, attention._DECODE_CHAIN.value or 8
+  start = jnp.full((batch,), length - chain, jnp.int32)
+  fns, inputs = {}, {}
+  for name in ('sparse', 'dense'):
+    attn = layer(name == 'sparse', n_k, _KEEP.value)
+    x = jax.random.normal(jax.random.key(2), (batch, 1, attn.o.out_shape[-1]), jnp.bfloat16)
+    cache = filled_cache(attn, batch, length)
+    if attn._sparse_decode(1, cache) != (name == 'sparse'):   # pylint: disable=protected-access
+      raise ValueError(f'the {name} layer would not decode {name}ly at cache {length}')
+    fns[name] = chained_steps(attn, chain)
+    inputs[name] = (x, cache, start)
+  ms = time_steps(fns, inputs, attention._REPEATS.value, attention._ITERS.value)
+  row = dict(batch=batch, cache=length, chain=chain, keep=_KEEP.value,
+             kept_blocks=attention.decode_budget(1 - _KEEP.value, n_k),
+             ms={name: t / chain for name, t in ms.items()})
+  row['speedup'] = row['ms']['dense'] / row['ms']['sparse']
+  if _TRACE.value:
+    row['kernels'] = {name: traced(fns[name], inputs[name], chain, _TRACE.value)
+                      for name in fns}
+  print(row)
+  return row
+
+
+def traced(fn, inputs, chain, top):
+  """One call of fn under JAX's profiler: the GPU kernels' busy time a step
+  (us), how many a step, and the `top` longest (us a step, summed by name)."""
+  x, cache, start = inputs
+  with tempfile.TemporaryDirectory() as folder:
+    with jax.profiler.trace(folder):
+      jax.block_until_ready(fn(x, cache, start))
+    events = decode_timeline.gpu_kernels(folder)
+  by_name = {}
+  for _, duration, name in events:
+    by_name[name] = by_name.get(name, 0.0) + duration / 1e3 / chain
+  longest = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+  return dict(busy_us=sum(by_name.values()), per_step=len(events) / chain,
+              longest={name[:60]: us for name, us in longest})
+
+
+def markdown(rows, env):
+  lines = [f"{env['device']}, jax {env['jax']}, {env['date']}: one attention layer's decode "
+           "step (projections, cache write, selection, attention), the learned gate's "
+           "sparse path against the same layer dense, ms a step of a chain", '',
+           '| batch x cache | blocks kept | sparse | dense | speed-up |',
+           '| --- | --- | --- | --- | --- |']
+  for r in rows:
+    lines.append(f"| {r['batch']} x {r['cache']} | {r['kept_blocks']} of "
+                 f"{r['cache'] // BLOCK_K} | {r['ms']['sparse']:.4f} | {r['ms']['dense']:.4f} "
+                 f"| {r['speedup']:.2f}x |")
+  for r in rows:
+    for name, k in r.get('kernels', {}).items():
+      longest = ', '.join(f'`{n}` {us:.1f}' for n, us in k['longest'].items())
+      lines.append(f"\n{r['batch']} x {r['cache']}, {name}: {k['per_step']:g} kernels and "
+                   f"{k['busy_us']:.1f} us of GPU time a step; the longest (us a step): {longest}")
+  return '\n'.join(lines) + '\n'
+
+
+def main(_):
+  attention.write_report('layer_decode', [bench(*map(int, spec.split('x')))
+                                          for spec in attention._DECODE.value], markdown)
+
+
+if __name__ == '__main__':
+  app.run(main)
