@@ -13,7 +13,7 @@ projection. `dense` is the same layer without the gate: its decode reads the
 whole cache through ops.attention (`auto`: cuDNN on a GPU). The layer has
 attention.py's shape (--heads, --kv_heads, --head_dim; width heads x head_dim),
 bf16 weights and compute, random parameters and a cache of random keys; the sparse layer
-keeps --keep of the key blocks (top_k, threshold 0). Each step chains
+keeps --layer_keep of the key blocks (top_k, threshold 0). Each step chains
 --decode_chain tokens in one program (the cache donated and carried), timed
 in alternation (--repeats rounds of --iters calls); --trace_kernels N lists each
 layer's N longest kernels from one traced call. Writes DIR/layer_decode.{json,md}.
@@ -39,7 +39,7 @@ from configs import flash  # noqa: E402
 from flashmm_jax import ops  # noqa: E402
 from flashmm_jax.models import attention as model_attention  # noqa: E402
 
-_KEEP = flags.DEFINE_float('keep', 0.35, 'share of the key blocks the sparse layer keeps')
+_KEEP = flags.DEFINE_float('layer_keep', 0.35, 'share of the key blocks the sparse layer keeps')
 _TRACE = flags.DEFINE_integer('trace_kernels', 0, 'also trace one chained call of each '
                               'layer (JAX profiler, CUPTI) and report its N longest kernels')
 BLOCK_K = 64

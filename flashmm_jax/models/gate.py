@@ -132,12 +132,11 @@ class BlockGate(nnx.Module):
     gk = jnp.einsum('bkhe,heg->bkhg', pooled_k, self.k_proj[...].astype(jnp.float32))
     return layers.rope(gk, blocks * self.block_sizes.block_k, self.rope_base)
 
-  def _score(self, pooled_q, q_start, gate_keys, visible):
+  def _score(self, pooled_q, q_start, gk, visible):
     """Pooled pre-rotary queries [B, nQ, Hq, D] of blocks starting at q_start
-    [B, nQ] and gate keys [B, nK, Hkv, gate_dim] -> log-probs [B, Hkv, nQ, nK]."""
+    [B, nQ] and gate keys gk [B, nK, Hkv, gate_dim] -> log-probs [B, Hkv, nQ, nK]."""
     gq = jnp.einsum('bqhd,hdg->bqhg', pooled_q, self.q_proj[...].astype(jnp.float32))
     gq = layers.rope(gq, q_start, self.rope_base)
-    gk = gate_keys
     b, n_q, hq, g_dim = gq.shape
     gq = gq.reshape(b, n_q, hq // self.group, self.group, g_dim)
     logits = jnp.einsum('bqkgd,bpkd->bkgqp', gq, gk) * g_dim ** -0.5
@@ -190,8 +189,8 @@ class BlockGate(nnx.Module):
     """The KV-cache entries (sg.KEY_STATS and GATE_KEY) of a cache of `length`
     positions (a block multiple) before any key is written: an empty block's
     gate key is 0, as its pooled statistics are."""
-    n_k = length // self.block_sizes.block_k
-    gate_key = jnp.zeros((batch, n_k, self.num_kv_heads, self.q_proj[...].shape[-1]), jnp.float32)
+    n_k, gate_dim = length // self.block_sizes.block_k, self.q_proj[...].shape[-1]
+    gate_key = jnp.zeros((batch, n_k, self.num_kv_heads, gate_dim), jnp.float32)
     return dict(sg.empty_key_stats(batch, n_k, self.num_kv_heads, self.head_dim),
                 **{GATE_KEY: gate_key})
 
