@@ -568,6 +568,11 @@ def decode_budget(sparsity, n_k):
   return max(2, int(np.ceil((1 - sparsity) * n_k)))
 
 
+def decode_shapes():
+  """--decode as [(batch, cache)]: the decode shapes every decode tool runs."""
+  return [tuple(map(int, spec.split('x'))) for spec in _DECODE.value]
+
+
 def decode_case(batch, cache, block_k=64, sparsity=0.65):
   """The decode tools' case (decode_ab, profile_decode, cta_spread,
   decode_timeline): a timed step's arguments (q, the k and v caches, the
@@ -963,8 +968,8 @@ def main(_):
     for cotangent in _COTANGENTS.value:
       fwdbwd.append(bench_fwdbwd(seq, variants[0][0], baselines, cotangent))
       save()
-  for spec in _DECODE.value if 'decode' in _MODES.value else ():
-    decodes.append(bench_decode(*map(int, spec.split('x'))))
+  for shape in decode_shapes() if 'decode' in _MODES.value else ():
+    decodes.append(bench_decode(*shape))
     save()
   table = markdown(results, fwdbwd, decodes, env)
   with open(os.path.join(FLAGS.value, 'attention.md'), 'w') as f:

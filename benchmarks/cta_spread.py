@@ -92,8 +92,8 @@ def markdown(rows, env):
 
 def main(_):
   with tempfile.TemporaryDirectory() as folder:
-    rows = [trace_step(*map(int, spec.split('x')), os.path.join(folder, spec))
-            for spec in attention._DECODE.value]
+    rows = [trace_step(b, c, os.path.join(folder, f'{b}x{c}'))
+            for b, c in attention.decode_shapes()]
   attention.write_report('cta_spread', rows, markdown)
 
 

@@ -106,8 +106,8 @@ def markdown(rows, env):
 def main(_):
   bases = kernel_ab.load_bases(kernel_ab._BASE.value or [], ('sparse_decode',),
                                'mosaic_gpu_decode.py')
-  kernel_ab.report('decode_ab', lambda: [bench(*map(int, spec.split('x')), bases)
-                                         for spec in attention._DECODE.value], markdown)
+  kernel_ab.report('decode_ab', lambda: [bench(*shape, bases)
+                                         for shape in attention.decode_shapes()], markdown)
 
 
 if __name__ == '__main__':

@@ -46,6 +46,15 @@ def gpu_kernels(folder):
                 for e in line.events)
 
 
+def profiled_kernels(run):
+  """gpu_kernels of what run() puts on the GPU (it should wait for its work),
+  traced by JAX's profiler into a temporary folder."""
+  with tempfile.TemporaryDirectory() as folder:
+    with jax.profiler.trace(folder):
+      run()
+    return gpu_kernels(folder)
+
+
 def per_call(events, calls):
   """events cut into `calls` runs of equal length (each traced call runs the
   same kernels); a ValueError if they do not divide."""
@@ -78,11 +87,11 @@ def summarize(calls, chain):
 def trace(fn, args, calls):
   """gpu_kernels of `calls` calls of fn, each waited for, cut per call."""
   jax.block_until_ready(fn(*args))
-  with tempfile.TemporaryDirectory() as folder:
-    with jax.profiler.trace(folder):
-      for _ in range(calls):
-        jax.block_until_ready(fn(*args))
-    return per_call(gpu_kernels(folder), calls)
+
+  def run():
+    for _ in range(calls):
+      jax.block_until_ready(fn(*args))
+  return per_call(profiled_kernels(run), calls)
 
 
 def bench(batch, cache):
@@ -120,8 +129,8 @@ def markdown(rows, env):
 
 
 def main(_):
-  attention.write_report('decode_timeline', [bench(*map(int, spec.split('x')))
-                                             for spec in attention._DECODE.value], markdown)
+  attention.write_report('decode_timeline',
+                         [bench(*shape) for shape in attention.decode_shapes()], markdown)
 
 
 if __name__ == '__main__':

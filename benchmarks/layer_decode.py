@@ -22,7 +22,6 @@ layer's N longest kernels from one traced call. Writes DIR/layer_decode.{json,md
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -129,11 +128,7 @@ def bench(batch, length):
 def traced(fn, inputs, chain, top):
   """One call of fn under JAX's profiler: the GPU kernels' busy time a step
   (us), how many a step, and the `top` longest (us a step, summed by name)."""
-  x, cache, start = inputs
-  with tempfile.TemporaryDirectory() as folder:
-    with jax.profiler.trace(folder):
-      jax.block_until_ready(fn(x, cache, start))
-    events = decode_timeline.gpu_kernels(folder)
+  events = decode_timeline.profiled_kernels(lambda: jax.block_until_ready(fn(*inputs)))
   by_name = {}
   for _, duration, name in events:
     by_name[name] = by_name.get(name, 0.0) + duration / 1e3 / chain
@@ -161,8 +156,8 @@ def markdown(rows, env):
 
 
 def main(_):
-  attention.write_report('layer_decode', [bench(*map(int, spec.split('x')))
-                                          for spec in attention._DECODE.value], markdown)
+  attention.write_report('layer_decode',
+                         [bench(*shape) for shape in attention.decode_shapes()], markdown)
 
 
 if __name__ == '__main__':

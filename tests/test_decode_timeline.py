@@ -2,10 +2,13 @@
 two-step chain (three kernels a step), and a real profile on the CPU, which
 has no GPU streams."""
 
+from absl import flags
+from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import attention
 from benchmarks import decode_timeline
 
 
@@ -44,3 +47,10 @@ def test_a_cpu_profile_has_no_gpu_kernels(tmp_path):
   with jax.profiler.trace(str(tmp_path)):
     jax.block_until_ready(jax.jit(jnp.sin)(jnp.ones(8)))
   assert decode_timeline.gpu_kernels(str(tmp_path)) == []
+
+
+def test_decode_shapes_parse_the_decode_flag():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(decode=['2x256', '8x32768']):
+    assert attention.decode_shapes() == [(2, 256), (8, 32768)]

@@ -208,12 +208,11 @@ class BlockGate(nnx.Module):
     n_k = cache[GATE_KEY].shape[1]
     blocks = jnp.minimum(positions // bk, n_k - 1)
     new = self._gate_keys(sg.pooled_key_stats(cache, mask.kv_len, bk, blocks), blocks)
-    # A token at or past kv_len is padding (fold_key_stats drops it): its block stays.
-    real = (positions < jnp.asarray(mask.kv_len)[:, None])[:, :, None, None]
+    # A token at or past kv_len is padding: its block stays, as in fold_key_stats.
+    real = positions < jnp.asarray(mask.kv_len)[:, None]
     rows = jnp.arange(k_raw.shape[0])[:, None]
-    old = cache[GATE_KEY][rows, blocks]
-    return dict(cache, **{GATE_KEY: cache[GATE_KEY].at[rows, blocks].set(
-        jnp.where(real, new, old))})
+    return dict(cache, **{GATE_KEY: cache[GATE_KEY].at[rows, jnp.where(real, blocks, n_k)].set(
+        new, mode='drop')})
 
   def select_decode(self, q_raw, cache, mask):
     """A decode step's key blocks [B, Hkv, 1, nK]: the prefill's gate and rule,
