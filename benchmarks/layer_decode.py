@@ -13,7 +13,10 @@ projection. `dense` is the same layer without the gate: its decode reads the
 whole cache through ops.attention (`auto`: cuDNN on a GPU). The layer has
 attention.py's shape (--heads, --kv_heads, --head_dim; width heads x head_dim),
 bf16 weights and compute, random parameters and a cache of random keys; the sparse layer
-keeps --layer_keep of the key blocks (top_k, threshold 0). Each step chains
+keeps --layer_keep of the key blocks (top_k, threshold 0), or follows
+--layer_rule (e.g. threshold=0,coverage=0.5: the recipes' rule); the row reports
+the blocks it kept at the first step and whether the one-kernel selection
+(gate_select, what a GPU runs) kept the XLA path's blocks. Each step chains
 --decode_chain tokens in one program (the cache donated and carried), timed
 in alternation (--repeats rounds of --iters calls); --trace_kernels N lists each
 layer's N longest kernels from one traced call. Writes DIR/layer_decode.{json,md}.
@@ -37,8 +40,11 @@ from benchmarks import decode_timeline  # noqa: E402
 from configs import flash  # noqa: E402
 from flashmm_jax import ops  # noqa: E402
 from flashmm_jax.models import attention as model_attention  # noqa: E402
+from flashmm_jax.models import gate  # noqa: E402
 
 _KEEP = flags.DEFINE_float('layer_keep', 0.35, 'share of the key blocks the sparse layer keeps')
+_RULE = flags.DEFINE_string('layer_rule', '', 'the sparse layer\'s selection rule instead of '
+                            '--layer_keep, e.g. threshold=0,coverage=0.5 (models.gate.parse_rule)')
 _TRACE = flags.DEFINE_integer('trace_kernels', 0, 'also trace one chained call of each '
                               'layer (JAX profiler, CUPTI) and report its N longest kernels')
 BLOCK_K = 64
@@ -52,6 +58,8 @@ def layer(sparse, n_k, keep):
   cfg.dtype = cfg.param_dtype = 'bfloat16'   # tiny computes in f32 (CPU tests)
   cfg.sparse.update(enabled=sparse, decode=sparse, block_k=BLOCK_K, threshold=0.0,
                     top_k=attention.decode_budget(1 - keep, n_k) - 2, kernel='auto')
+  if _RULE.value:
+    cfg.sparse.update(dict(top_k=0, **gate.parse_rule(_RULE.value, '--layer_rule')))
   return model_attention.Attention(hq * d, hq, hkv, d, cfg, rngs=nnx.Rngs(0),
                                    rope_base=cfg.lm.rope_base)
 
@@ -65,6 +73,27 @@ def filled_cache(attn, batch, length):
     r = jax.random.normal(next(keys), x.shape, jnp.float32)
     cache[name] = (r * BLOCK_K if name == 'gate_sum' else r).astype(x.dtype)
   return cache
+
+
+def first_selection(attn, batch, length, start):
+  """The sparse layer's kept blocks at its first step (position start, of a
+  filled cache): the mean count a row, and the share of rows where the
+  one-kernel selection (decode_tables with the layer's `auto` kernel; on a
+  CPU host the XLA path) keeps the XLA path's blocks."""
+  g, cache = attn.block_gate, filled_cache(attn, batch, length)
+  x = jax.random.normal(jax.random.key(3), (batch, 1, attn.o.out_shape[-1]), jnp.bfloat16)
+  mask = ops.attention.MaskSpec(q_offset=start, kv_len=start + 1,
+                                prefix_len=jnp.zeros_like(start), causal=True)
+  cache = g.fold_keys(cache, attn.k(x), mask)
+  tables = {}
+  for kernel in ('auto', 'reference'):
+    g.decode_kernel = kernel
+    tables[kernel] = jax.jit(g.decode_tables)(attn.q(x), cache, mask)
+  kept = lambda ids, count: [set(i[:c]) for i, c in zip(np.asarray(ids).reshape(
+      -1, ids.shape[-1]).tolist(), np.asarray(count).reshape(-1).tolist())]
+  fused, xla = kept(*tables['auto']), kept(*tables['reference'])
+  return dict(kept_mean=float(np.mean([len(s) for s in fused])),
+              same_rows=float(np.mean([a == b for a, b in zip(fused, xla)])))
 
 
 def chained_steps(attn, n):
@@ -113,9 +142,11 @@ def bench(batch, length):
       raise ValueError(f'the {name} layer would not decode {name}ly at cache {length}')
     fns[name] = chained_steps(attn, chain)
     inputs[name] = (x, cache, start)
+    if name == 'sparse':
+      selection = first_selection(attn, batch, length, start)
   ms = time_steps(fns, inputs, attention._REPEATS.value, attention._ITERS.value)
-  row = dict(batch=batch, cache=length, chain=chain, keep=_KEEP.value,
-             kept_blocks=attention.decode_budget(1 - _KEEP.value, n_k),
+  row = dict(batch=batch, cache=length, chain=chain, rule=_RULE.value or f'keep={_KEEP.value}',
+             kept_blocks=selection['kept_mean'], same_selection=selection['same_rows'],
              ms={name: t / chain for name, t in ms.items()})
   row['speedup'] = row['ms']['dense'] / row['ms']['sparse']
   if _TRACE.value:
@@ -141,12 +172,12 @@ def markdown(rows, env):
   lines = [f"{env['device']}, jax {env['jax']}, {env['date']}: one attention layer's decode "
            "step (projections, cache write, selection, attention), the learned gate's "
            "sparse path against the same layer dense, ms a step of a chain", '',
-           '| batch x cache | blocks kept | sparse | dense | speed-up |',
-           '| --- | --- | --- | --- | --- |']
+           '| batch x cache | rule | blocks kept (mean) | same as XLA\'s | sparse | dense '
+           '| speed-up |', '| --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
-    lines.append(f"| {r['batch']} x {r['cache']} | {r['kept_blocks']} of "
-                 f"{r['cache'] // BLOCK_K} | {r['ms']['sparse']:.4f} | {r['ms']['dense']:.4f} "
-                 f"| {r['speedup']:.2f}x |")
+    lines.append(f"| {r['batch']} x {r['cache']} | {r['rule']} | {r['kept_blocks']:.1f} of "
+                 f"{r['cache'] // BLOCK_K} | {r['same_selection']:.0%} | {r['ms']['sparse']:.4f} "
+                 f"| {r['ms']['dense']:.4f} | {r['speedup']:.2f}x |")
   for r in rows:
     for name, k in r.get('kernels', {}).items():
       longest = ', '.join(f'`{n}` {us:.1f}' for n, us in k['longest'].items())

@@ -15,12 +15,14 @@ def test_smoke_sparse_and_dense_layers(tmp_path):
     row = layer_decode.bench(2, 512)
     table = layer_decode.markdown([row], dict(device='cpu', jax='x', date='today'))
   assert row['kept_blocks'] == 3 and set(row['ms']) == {'sparse', 'dense'}
+  assert row['same_selection'] == 1.0   # a CPU host: both are the XLA path
   assert row['speedup'] == row['ms']['dense'] / row['ms']['sparse']
-  assert '| 2 x 512 | 3 of 8 |' in table
+  assert '| 2 x 512 | keep=0.35 | 3.0 of 8 | 100% |' in table
 
 
 def test_kernel_list_of_a_traced_call():
-  row = dict(batch=8, cache=64, kept_blocks=1, speedup=1.0, ms=dict(sparse=1.0, dense=1.0),
+  row = dict(batch=8, cache=64, rule='keep=0.35', kept_blocks=1, same_selection=1.0,
+             speedup=1.0, ms=dict(sparse=1.0, dense=1.0),
              kernels=dict(sparse=dict(busy_us=5.0, per_step=2, longest={'decode': 4.0})))
   table = layer_decode.markdown([row], dict(device='cpu', jax='x', date='today'))
   assert '8 x 64, sparse: 2 kernels and 5.0 us of GPU time a step' in table

@@ -4,7 +4,7 @@ The cache is a plain pytree so a serving engine can own and page it: one dict
 per LM block, k and v of [B, S, Hkv, D], and with model.sparse.decode the
 gate's key-block statistics gate_max, gate_min, gate_sum, f32 [B, S / block_k,
 Hkv, D] over the pre-rotary keys written so far, and each block's gate key
-(gate_key, f32 [B, S / block_k, Hkv, gate_dim]). Row b's new token t sits at
+(gate_key, f32 [B, Hkv, S / block_k, gate_dim]). Row b's new token t sits at
 absolute position image_tokens + prefix_len[b] + t, exactly where training put
 it: ragged prompts need no left padding.
 """

@@ -38,7 +38,8 @@ GATE_NAME = 'block_gate'
 # on a trained gate (set_selection), unlike block sizes or the gate's width.
 SELECTION_KEYS = ('threshold', 'top_k', 'coverage')
 # The KV-cache entry beside sg.KEY_STATS: each key block's gate key (its pooled
-# statistics projected and rotated, f32 [B, nK, Hkv, gate_dim]). A decode step
+# statistics projected and rotated, f32 [B, Hkv, nK, gate_dim]: head-major, the
+# batch dimensions of the logits' einsum leading). A decode step
 # re-projects the block its new token lands in and reads the rest: before, it
 # re-pooled and re-projected every block, [B, nK, Hkv, 3D] f32 written and read
 # again each step: two kernels of 12.2 and 10.2 us in a layer step of 148 us of
@@ -121,7 +122,8 @@ class BlockGate(nnx.Module):
     n_q = pooled_q.shape[1]
     q_start = jnp.broadcast_to(jnp.arange(n_q) * bq, (q.shape[0], n_q))
     pooled_k = sg.pool_keys(k, self.block_sizes.block_k, mask.kv_len)
-    return self._score(pooled_q, q_start, self._gate_keys(pooled_k), visible)
+    gate_keys = jnp.swapaxes(self._gate_keys(pooled_k), 1, 2)
+    return self._score(pooled_q, q_start, gate_keys, visible)
 
   def _gate_keys(self, pooled_k, blocks=None):
     """Pooled key statistics [B, n, Hkv, 3D] of key blocks `blocks` (int [B, n];
@@ -132,15 +134,18 @@ class BlockGate(nnx.Module):
     gk = jnp.einsum('bkhe,heg->bkhg', pooled_k, self.k_proj[...].astype(jnp.float32))
     return layers.rope(gk, blocks * self.block_sizes.block_k, self.rope_base)
 
-  def _score(self, pooled_q, q_start, gk, visible):
+  def _logits(self, pooled_q, q_start, gk):
     """Pooled pre-rotary queries [B, nQ, Hq, D] of blocks starting at q_start
-    [B, nQ] and gate keys gk [B, nK, Hkv, gate_dim] -> log-probs [B, Hkv, nQ, nK]."""
+    [B, nQ] and gate keys gk [B, Hkv, nK, gate_dim] -> logits [B, Hkv, G, nQ, nK]."""
     gq = jnp.einsum('bqhd,hdg->bqhg', pooled_q, self.q_proj[...].astype(jnp.float32))
     gq = layers.rope(gq, q_start, self.rope_base)
     b, n_q, hq, g_dim = gq.shape
     gq = gq.reshape(b, n_q, hq // self.group, self.group, g_dim)
-    logits = jnp.einsum('bqkgd,bpkd->bkgqp', gq, gk) * g_dim ** -0.5
-    return sg.gate_log_probs(logits, visible)
+    return jnp.einsum('bqkgd,bkpd->bkgqp', gq, gk) * g_dim ** -0.5
+
+  def _score(self, pooled_q, q_start, gk, visible):
+    """_logits -> log-probs [B, Hkv, nQ, nK] over the visible key blocks."""
+    return sg.gate_log_probs(self._logits(pooled_q, q_start, gk), visible)
 
   def _keep(self, log_p, visible, forced):
     """The selection rule (threshold, top_k, coverage) on gate log-probs."""
@@ -190,7 +195,7 @@ class BlockGate(nnx.Module):
     positions (a block multiple) before any key is written: an empty block's
     gate key is 0, as its pooled statistics are."""
     n_k, gate_dim = length // self.block_sizes.block_k, self.q_proj[...].shape[-1]
-    gate_key = jnp.zeros((batch, n_k, self.num_kv_heads, gate_dim), jnp.float32)
+    gate_key = jnp.zeros((batch, self.num_kv_heads, n_k, gate_dim), jnp.float32)
     return dict(sg.empty_key_stats(batch, n_k, self.num_kv_heads, self.head_dim),
                 **{GATE_KEY: gate_key})
 
@@ -203,16 +208,16 @@ class BlockGate(nnx.Module):
     positions = mask.q_offset[:, None] + jnp.arange(k_raw.shape[1])
     cache = dict(cache, **sg.fold_key_stats(cache, k_raw, positions, mask.kv_len, bk))
     if k_raw.shape[1] > 1:
-      return dict(cache, **{GATE_KEY: self._gate_keys(
-          sg.pooled_key_stats(cache, mask.kv_len, bk))})
-    n_k = cache[GATE_KEY].shape[1]
+      return dict(cache, **{GATE_KEY: jnp.swapaxes(self._gate_keys(
+          sg.pooled_key_stats(cache, mask.kv_len, bk)), 1, 2)})
+    n_k = cache[GATE_KEY].shape[2]
     blocks = jnp.minimum(positions // bk, n_k - 1)
     new = self._gate_keys(sg.pooled_key_stats(cache, mask.kv_len, bk, blocks), blocks)
     # A token at or past kv_len is padding: its block stays, as in fold_key_stats.
     real = positions < jnp.asarray(mask.kv_len)[:, None]
     rows = jnp.arange(k_raw.shape[0])[:, None]
-    return dict(cache, **{GATE_KEY: cache[GATE_KEY].at[rows, jnp.where(real, blocks, n_k)].set(
-        new, mode='drop')})
+    at = cache[GATE_KEY].at[rows, :, jnp.where(real, blocks, n_k)]   # [B, T, Hkv, gate_dim]
+    return dict(cache, **{GATE_KEY: at.set(new, mode='drop')})
 
   def select_decode(self, q_raw, cache, mask):
     """A decode step's key blocks [B, Hkv, 1, nK]: the prefill's gate and rule,
@@ -226,6 +231,21 @@ class BlockGate(nnx.Module):
                         cache[GATE_KEY], visible)
     return self._keep(log_p, visible, sg.forced_decode_blocks(mask.q_offset, m, n_k, bk))
 
+  def decode_tables(self, q_raw, cache, mask):
+    """The kv tables (ids [B, Hkv, >= width], count [B, Hkv]) of select_decode's
+    blocks. On a GPU the softmax, the rule and the tables are one kernel
+    (ops.sparse_attention.gate_decode_tables) after the logits, ~20 XLA kernels
+    otherwise; its ids are in rank order, the same blocks up to rounding."""
+    m, bk = q_raw.shape[1], self.block_sizes.block_k
+    width = sg.decode_table_width(cache['k'].shape[1] // bk, m, bk, self.top_k)
+    if ops.sparse_attention.decode_selection_fused(self.decode_kernel):
+      logits = self._logits(sg.pool_queries(q_raw, m, m), mask.q_offset[:, None],
+                            cache[GATE_KEY])[:, :, :, 0]
+      return ops.sparse_attention.gate_decode_tables(
+          logits, mask, self.threshold[...], self.coverage[...], block_k=bk, num_new=m,
+          top_k=self.top_k, use_coverage=self.use_coverage, max_k=width)
+    return bt.compact_rows(self.select_decode(q_raw, cache, mask)[:, :, 0], width)
+
   def attend_decode(self, q_raw, q, cache, mask):
     """A sparse decode step, [B, M, Hq, D]: q over the cache blocks select_decode
     keeps. The cache already holds the step's keys (k, v and statistics).
@@ -235,9 +255,7 @@ class BlockGate(nnx.Module):
     eval's sparsity figures mean the prefill.
     """
     bk = self.block_sizes.block_k
-    selected = self.select_decode(q_raw, cache, mask)[:, :, 0]
-    width = sg.decode_table_width(selected.shape[-1], q.shape[1], bk, self.top_k)
-    kv_ids, kv_count = bt.compact_rows(selected, width)
+    kv_ids, kv_count = self.decode_tables(q_raw, cache, mask)
     k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
     return ops.sparse_attention.sparse_decode(q, k, v, mask, kv_ids, kv_count, block_k=bk,
                                               implementation=self.decode_kernel)

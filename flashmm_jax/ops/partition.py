@@ -66,8 +66,8 @@ def per_shard(kernel, args, layouts, out_layout):
   layouts: per argument, the logical axis names (or None) of the leading
   dimensions of every array in it, e.g. ('batch', None, 'heads') for q
   [B, T, Hq, D] or ('batch',) for a MaskSpec of [B] vectors; out_layout the
-  same for the kernel's single array output. Dimensions left out are whole
-  on every device.
+  same for the kernel's array output (a list of them: one per output of a
+  kernel that returns a tuple). Dimensions left out are whole on every device.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
@@ -76,5 +76,7 @@ def per_shard(kernel, args, layouts, out_layout):
   if not any(axes.values()):
     return kernel(*args)
   spec = lambda layout: P(*(axes.get(name) or None for name in layout))
+  out_specs = (tuple(spec(l) for l in out_layout) if isinstance(out_layout, list)
+               else spec(out_layout))
   return jax.shard_map(kernel, mesh=mesh, in_specs=tuple(spec(l) for l in layouts),
-                       out_specs=spec(out_layout), check_vma=False)(*args)
+                       out_specs=out_specs, check_vma=False)(*args)

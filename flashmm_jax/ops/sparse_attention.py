@@ -228,6 +228,34 @@ def decode_implementation(kernel):
   return kernel if kernel in _DECODE.names() else 'auto'
 
 
+def decode_selection_fused(implementation):
+  """Whether a learned gate's decode step selects in one kernel
+  (gate_decode_tables): on a GPU unless sparse_decode's `implementation` is
+  'reference', and for 'triton' on a CPU host (Pallas' interpreter: tests)."""
+  backend = jax.default_backend()
+  return ((backend == 'gpu' and implementation != 'reference')
+          or (backend == 'cpu' and implementation == 'triton'))
+
+
+def gate_decode_tables(logits, mask, threshold, coverage, *, block_k, num_new, top_k,
+                       use_coverage, max_k):
+  """A learned gate's decode-step tables from its logits [B, Hkv, G, nK] in
+  one kernel (pallas_kernels/sparse_attention/gate_select.py): the softmax
+  over visible key blocks averaged over the GQA group, the rule (threshold,
+  top_k, coverage; forced blocks kept) and the tables, kv_ids [B, Hkv, >=
+  max_k] in rank order and kv_count [B, Hkv]."""
+  from pallas_kernels.sparse_attention import gate_select  # pylint: disable=g-import-not-at-top
+
+  def tables(logits, mask, threshold, coverage):
+    return gate_select.decode_tables(
+        logits, mask.q_offset, mask.kv_len, prefix_for(mask), threshold, coverage,
+        causal=mask.causal, block_k=block_k, num_new=num_new, top_k=top_k,
+        use_coverage=use_coverage, max_k=max_k, interpret=jax.default_backend() == 'cpu')
+  return partition.per_shard(tables, (logits, mask, threshold, coverage),
+                             (partition.PER_KV_HEAD, partition.PER_ROW, (), ()),
+                             [partition.PER_KV_HEAD, partition.PER_KV_HEAD])
+
+
 _DECODE_SCORED = registry.Registry('scored sparse decode')
 
 

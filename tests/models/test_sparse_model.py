@@ -323,8 +323,8 @@ def test_cache_key_statistics_are_the_pooled_keys_of_the_whole_sequence(dense):
     # Each block's gate key, re-projected only when a token landed in it, is the
     # projection of the whole sequence's pooled keys.
     g = model.decoder.blocks[i].attn.block_gate
-    np.testing.assert_allclose(cache[gate.GATE_KEY], g._gate_keys(pooled), atol=1e-4,
-                               err_msg=f'layer {i}')   # pylint: disable=protected-access
+    want = jnp.swapaxes(g._gate_keys(pooled), 1, 2)   # pylint: disable=protected-access
+    np.testing.assert_allclose(cache[gate.GATE_KEY], want, atol=1e-4, err_msg=f'layer {i}')
 
 
 def test_cache_layout_and_the_decode_flag_is_checked():
@@ -335,7 +335,7 @@ def test_cache_layout_and_the_decode_flag_is_checked():
   for name in sg.KEY_STATS:
     assert cache[0][name].shape == (2, 3, hkv, d) and cache[0][name].dtype == jnp.float32
   gate_dim = model.decoder.blocks[0].attn.block_gate.q_proj[...].shape[-1]
-  assert cache[0][gate.GATE_KEY].shape == (2, 3, hkv, gate_dim)
+  assert cache[0][gate.GATE_KEY].shape == (2, hkv, 3, gate_dim)
   assert not cache[0][gate.GATE_KEY].any()                # an empty block's key is 0
   off = tiny_config()
   off.model.sparse.decode = True                          # no gate: ignored, dense decode

@@ -21,8 +21,8 @@ from jax._src import mesh as mesh_lib
 
 from pallas_kernels.sparse_attention import BlockSizes, BlockTables
 from pallas_kernels.sparse_attention import block_tables as bt
-from pallas_kernels.sparse_attention import (decode, mosaic_gpu, mosaic_gpu_decode, select_triton,
-                                             tpu, triton)
+from pallas_kernels.sparse_attention import (decode, gate_select, mosaic_gpu, mosaic_gpu_decode,
+                                             select_triton, tpu, triton)
 
 H100 = mesh_lib.AbstractDevice(device_kind='NVIDIA H100', num_cores=132, platform='gpu')
 TPU_V5E = mesh_lib.AbstractDevice(device_kind='TPU v5 lite', num_cores=1, platform='tpu')
@@ -115,6 +115,12 @@ CASES = {
                              (CACHE[0], _aval((B, 12, HKV, D)), _aval((12,), jnp.int8),
                               _aval((B, HKV), I32)), 'triton'),
     'select_q_tables': (functools.partial(select_triton.q_tables, n_k=N_K), TABLES, 'triton'),
+    # The learned gate's decode selection: 12 blocks (padded to 16), coverage on.
+    'gate_decode_tables': (functools.partial(
+        gate_select.decode_tables, causal=True, block_k=64, num_new=1, top_k=4,
+        use_coverage=True, max_k=7),
+        (_aval((B, HKV, HQ // HKV, 12), jnp.float32),) + DECODE_LENS
+        + (_aval((), jnp.float32),) * 2, 'triton'),
 }
 
 
