@@ -89,11 +89,11 @@ def chain_selection(attn, x, batch, length, start, n):
   def step(x, cache, pos):
     mask = ops.attention.MaskSpec(q_offset=pos, kv_len=pos + 1,
                                   prefix_len=jnp.zeros_like(pos), causal=True)
-    written = model_attention.write_cache(cache, attn.k(x), attn.v(x), pos)
-    written = g.fold_keys(written, attn.k(x), mask)
-    tables = g.decode_tables(attn.q(x), written, mask)
-    selected = g.select_decode(attn.q(x), written, mask)[:, :, 0]   # the XLA path's
+    # The cache the layer returns holds this step's keys, as its selection saw it.
     y, cache = attn(x, pos[:, None], mask, cache)
+    q_raw = attn.q(x)
+    tables = g.decode_tables(q_raw, cache, mask)
+    selected = g.select_decode(q_raw, cache, mask)[:, :, 0]   # the XLA path's
     return rms_normalized(y), cache, tables, selected
 
   counts, same = [], []

@@ -122,17 +122,17 @@ class BlockGate(nnx.Module):
     n_q = pooled_q.shape[1]
     q_start = jnp.broadcast_to(jnp.arange(n_q) * bq, (q.shape[0], n_q))
     pooled_k = sg.pool_keys(k, self.block_sizes.block_k, mask.kv_len)
-    gate_keys = jnp.swapaxes(self._gate_keys(pooled_k), 1, 2)
-    return self._score(pooled_q, q_start, gate_keys, visible)
+    return self._score(pooled_q, q_start, self._gate_keys(pooled_k), visible)
 
   def _gate_keys(self, pooled_k, blocks=None):
     """Pooled key statistics [B, n, Hkv, 3D] of key blocks `blocks` (int [B, n];
-    default 0 .. n-1) -> their gate keys [B, n, Hkv, gate_dim], rotated at each
-    block's first position (so a score sees relative offsets)."""
+    default 0 .. n-1) -> their gate keys [B, Hkv, n, gate_dim] (GATE_KEY's
+    layout), rotated at each block's first position (so a score sees relative
+    offsets)."""
     if blocks is None:
       blocks = jnp.broadcast_to(jnp.arange(pooled_k.shape[1]), pooled_k.shape[:2])
     gk = jnp.einsum('bkhe,heg->bkhg', pooled_k, self.k_proj[...].astype(jnp.float32))
-    return layers.rope(gk, blocks * self.block_sizes.block_k, self.rope_base)
+    return jnp.swapaxes(layers.rope(gk, blocks * self.block_sizes.block_k, self.rope_base), 1, 2)
 
   def _logits(self, pooled_q, q_start, gk):
     """Pooled pre-rotary queries [B, nQ, Hq, D] of blocks starting at q_start
@@ -208,8 +208,8 @@ class BlockGate(nnx.Module):
     positions = mask.q_offset[:, None] + jnp.arange(k_raw.shape[1])
     cache = dict(cache, **sg.fold_key_stats(cache, k_raw, positions, mask.kv_len, bk))
     if k_raw.shape[1] > 1:
-      return dict(cache, **{GATE_KEY: jnp.swapaxes(self._gate_keys(
-          sg.pooled_key_stats(cache, mask.kv_len, bk)), 1, 2)})
+      return dict(cache, **{GATE_KEY: self._gate_keys(
+          sg.pooled_key_stats(cache, mask.kv_len, bk))})
     n_k = cache[GATE_KEY].shape[2]
     blocks = jnp.minimum(positions // bk, n_k - 1)
     new = self._gate_keys(sg.pooled_key_stats(cache, mask.kv_len, bk, blocks), blocks)
@@ -217,7 +217,7 @@ class BlockGate(nnx.Module):
     real = positions < jnp.asarray(mask.kv_len)[:, None]
     rows = jnp.arange(k_raw.shape[0])[:, None]
     at = cache[GATE_KEY].at[rows, :, jnp.where(real, blocks, n_k)]   # [B, T, Hkv, gate_dim]
-    return dict(cache, **{GATE_KEY: at.set(new, mode='drop')})
+    return dict(cache, **{GATE_KEY: at.set(jnp.swapaxes(new, 1, 2), mode='drop')})
 
   def select_decode(self, q_raw, cache, mask):
     """A decode step's key blocks [B, Hkv, 1, nK]: the prefill's gate and rule,
@@ -227,9 +227,15 @@ class BlockGate(nnx.Module):
     m, bk = q_raw.shape[1], self.block_sizes.block_k
     n_k = cache['k'].shape[1] // bk
     visible = sg.visible_tiles(mask, m, cache['k'].shape[1], 1, n_k, bt.BlockSizes(m, bk))
-    log_p = self._score(sg.pool_queries(q_raw, m, m), mask.q_offset[:, None],
-                        cache[GATE_KEY], visible)
+    log_p = sg.gate_log_probs(self._decode_logits(q_raw, cache, mask), visible)
     return self._keep(log_p, visible, sg.forced_decode_blocks(mask.q_offset, m, n_k, bk))
+
+  def _decode_logits(self, q_raw, cache, mask):
+    """A decode step's gate logits [B, Hkv, G, 1, nK]: its new tokens (pre-rotary
+    q_raw [B, M, Hq, D] at q_offset) as one query block against the cache's
+    gate keys."""
+    m = q_raw.shape[1]
+    return self._logits(sg.pool_queries(q_raw, m, m), mask.q_offset[:, None], cache[GATE_KEY])
 
   def decode_tables(self, q_raw, cache, mask):
     """The kv tables (ids [B, Hkv, >= width], count [B, Hkv]) of select_decode's
@@ -239,11 +245,10 @@ class BlockGate(nnx.Module):
     m, bk = q_raw.shape[1], self.block_sizes.block_k
     width = sg.decode_table_width(cache['k'].shape[1] // bk, m, bk, self.top_k)
     if ops.sparse_attention.decode_selection_fused(self.decode_kernel):
-      logits = self._logits(sg.pool_queries(q_raw, m, m), mask.q_offset[:, None],
-                            cache[GATE_KEY])[:, :, :, 0]
       return ops.sparse_attention.gate_decode_tables(
-          logits, mask, self.threshold[...], self.coverage[...], block_k=bk, num_new=m,
-          top_k=self.top_k, use_coverage=self.use_coverage, max_k=width)
+          self._decode_logits(q_raw, cache, mask)[:, :, :, 0], mask, self.threshold[...],
+          self.coverage[...], block_k=bk, num_new=m, top_k=self.top_k,
+          use_coverage=self.use_coverage, max_k=width)
     return bt.compact_rows(self.select_decode(q_raw, cache, mask)[:, :, 0], width)
 
   def attend_decode(self, q_raw, q, cache, mask):

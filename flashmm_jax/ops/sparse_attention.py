@@ -250,7 +250,7 @@ def gate_decode_tables(logits, mask, threshold, coverage, *, block_k, num_new, t
     return gate_select.decode_tables(
         logits, mask.q_offset, mask.kv_len, prefix_for(mask), threshold, coverage,
         causal=mask.causal, block_k=block_k, num_new=num_new, top_k=top_k,
-        use_coverage=use_coverage, max_k=max_k, interpret=jax.default_backend() == 'cpu')
+        use_coverage=use_coverage, max_k=max_k, interpret=_triton_interpret())
   return partition.per_shard(tables, (logits, mask, threshold, coverage),
                              (partition.PER_KV_HEAD, partition.PER_ROW, (), ()),
                              [partition.PER_KV_HEAD, partition.PER_KV_HEAD])

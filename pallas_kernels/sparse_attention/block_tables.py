@@ -181,14 +181,21 @@ def top_k_rank(key, candidates=None):
   return count_ahead(key, idx, key, idx, candidates)
 
 
+def ahead(key, idx, other_key, other_idx):
+  """bool [..., N, M]: whether other j (other_key, other_idx [..., M]) comes
+  before entry i (key, idx [..., N]) in lax.top_k's order: higher key first,
+  ties to the lower index."""
+  ki, kj = key[..., :, None], other_key[..., None, :]
+  return (kj > ki) | ((kj == ki) & (other_idx[..., None, :] < idx[..., :, None]))
+
+
 def count_ahead(key, idx, other_key, other_idx, candidates=None):
   """int32 [..., N]: how many of the M others (other_key, other_idx [..., M];
   of `candidates`, bool [..., M], default all) come before each entry (key,
-  idx [..., N]) in lax.top_k's order: higher key first, ties to the lower
-  index. top_k_rank is a row against itself; a kernel ranking part of a row
-  against all of it passes the two parts. One [N, M] compare and a sum."""
-  ki, kj = key[..., :, None], other_key[..., None, :]
-  beats = (kj > ki) | ((kj == ki) & (other_idx[..., None, :] < idx[..., :, None]))
+  idx [..., N]) in lax.top_k's order (ahead). top_k_rank is a row against
+  itself; a kernel ranking part of a row against all of it passes the two
+  parts. One [N, M] compare and a sum."""
+  beats = ahead(key, idx, other_key, other_idx)
   if candidates is not None:
     beats &= candidates[..., None, :]
   return beats.sum(axis=-1, dtype=jnp.int32)

@@ -141,8 +141,7 @@ def _kernel(logits_ref, offset_ref, kv_len_ref, prefix_ref, threshold_ref, cover
   def against(i, carry):
     rank, mass, best, forced_mass, n_forced = carry
     key, idx, p, visible, forced = keys_of(i * chunk)
-    beats = ((key[None, :] > own_key[:, None])
-             | ((key[None, :] == own_key[:, None]) & (idx[None, :] < own_idx[:, None])))
+    beats = bt.ahead(own_key, own_idx, key, idx)
     rank += jnp.sum(beats.astype(jnp.int32), axis=1)
     if use_coverage:
       free = (visible & ~forced)[None, :]

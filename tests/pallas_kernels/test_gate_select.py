@@ -16,7 +16,6 @@ from configs import common
 from flashmm_jax import ops
 from flashmm_jax.models import gate
 from flashmm_jax.training import sharding
-from flashmm_jax.ops import sparse_gate as sg
 from pallas_kernels.sparse_attention import block_tables as bt
 from pallas_kernels.sparse_attention import gate_select as gs
 
@@ -125,8 +124,7 @@ def test_reference_keeps_the_models_blocks(rule, m):
   q = jax.random.normal(jax.random.key(m), (2, m, 8, 32), jnp.float32).astype(jnp.bfloat16)
   cache, mask = _cache_and_mask(g, 11, 2, 24, m)
   want_ids, want_count = bt.compact_rows(g.select_decode(q, cache, mask)[:, :, 0], 24)
-  logits = g._logits(sg.pool_queries(q, m, m), mask.q_offset[:, None],  # pylint: disable=protected-access
-                     cache[gate.GATE_KEY])[:, :, :, 0]
+  logits = g._decode_logits(q, cache, mask)[:, :, :, 0]   # pylint: disable=protected-access
   ids, count = gs.decode_tables_reference(
       logits, mask.q_offset, mask.kv_len, mask.prefix_len, causal=True, block_k=BLOCK_K,
       num_new=m, max_k=24, **RULES[rule])
