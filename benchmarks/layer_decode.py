@@ -119,9 +119,9 @@ def chained_steps(attn, n):
   next one's input; the cache is donated.
 
   The norm is a model's (its layers see normalised inputs). Fed back raw, the
-  output (std ~0.008) made the next steps' gate logits near-uniform: under
-  coverage 0.5 the steps after the first kept 256 of 512 blocks, whatever the
-  first kept (a CPU replay of the H200 run of 2026-12-01)."""
+  output (a small fraction of unit scale) made the next steps' gate logits
+  near-uniform: under coverage 0.5 the steps after the first kept half the
+  blocks, whatever the first kept (docs/results.md, 2026-12-01)."""
   graphdef, state = nnx.split(attn)
 
   def run(state, x, cache, start):
