@@ -107,12 +107,13 @@ def decode_tables_reference(logits, q_offset, kv_len, prefix_len, *, causal, blo
 
 
 def _kernel(logits_ref, offset_ref, kv_len_ref, prefix_ref, threshold_ref, coverage_ref, _,
-            ids_ref, count_ref, *, n_k, block_k, num_new, chunk, causal, top_k,
+            ids_ref, count_ref, *, n_k, group, block_k, num_new, chunk, causal, top_k,
             use_coverage):
   """Program (b, h, c): chunk c's blocks ranked against the row of logits
-  [G, W], `chunk` blocks a step: each written at its rank's slot, the kept
-  ones counted into count_ref."""
-  group, width = logits_ref.shape
+  [G', W] (the group's `group` heads, padded to G' a power of two), `chunk`
+  blocks a step: each written at its rank's slot, the kept ones counted into
+  count_ref."""
+  width = logits_ref.shape[1]
   offset = offset_ref[...]
 
   def rule_of(start, size):
@@ -126,6 +127,9 @@ def _kernel(logits_ref, offset_ref, kv_len_ref, prefix_ref, threshold_ref, cover
   row = jnp.where(visible_row, logits_ref[...], INVISIBLE_LOGIT)
   peak = jnp.max(row, axis=1, keepdims=True)
   total = jnp.sum(jnp.exp(row - peak), axis=1, keepdims=True)
+  # A padding head's softmax counts for nothing in the group's mean.
+  real_head = jax.lax.broadcasted_iota(jnp.int32, (logits_ref.shape[0], 1), 0) < group
+  total = jnp.where(real_head, total, jnp.inf)
 
   def keys_of(start):
     """Blocks [start, start + chunk): order keys, ids, p, visible, forced."""
@@ -198,14 +202,11 @@ def decode_tables(logits, q_offset, kv_len, prefix_len, threshold, coverage, *, 
   recompile); top_k the budget of non-forced blocks (0: none); use_coverage
   whether the coverage rule runs (with coverage 0 it keeps forced blocks
   only). ids: W' is max_k rounded up to a power of two; slots below the
-  count hold the kept blocks, the rest other blocks of the row. G is a power
-  of two; chunk / num_warps None: launch's (about one program an SM).
+  count hold the kept blocks, the rest other blocks of the row. chunk /
+  num_warps None: launch's (about one program an SM).
   """
   logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
   b, hkv, group, n_k = logits.shape
-  if group & (group - 1):
-    raise ValueError(f'decode_tables: logits {logits.shape}: the group ({group} query heads '
-                     'a kv head) must be a power of two')
   if not 1 <= max_k <= n_k:
     raise ValueError(f'decode_tables: {max_k=} must be in [1, {n_k=}]')
   width = pl.next_power_of_2(n_k)
@@ -213,8 +214,10 @@ def decode_tables(logits, q_offset, kv_len, prefix_len, threshold, coverage, *, 
   chunk, num_warps = min(chunk or auto_chunk, width), num_warps or auto_warps
   if chunk & (chunk - 1):
     raise ValueError(f'decode_tables: {chunk=} must be a power of two')
-  if width != n_k:
-    logits = jnp.pad(logits, ((0, 0), (0, 0), (0, 0), (0, width - n_k)))
+  # Triton's blocks are powers of two: pad the blocks (past n_k: invisible)
+  # and the group (its padding heads masked in the kernel).
+  logits = jnp.pad(logits, ((0, 0), (0, 0), (0, pl.next_power_of_2(group) - group),
+                            (0, width - n_k)))
   row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,))
   scalar = lambda x: jnp.asarray(x, jnp.float32).reshape(1)
   per_row = pl.BlockSpec((None,), lambda bi, h, c: (bi,))
@@ -222,10 +225,11 @@ def decode_tables(logits, q_offset, kv_len, prefix_len, threshold, coverage, *, 
   count_spec = pl.BlockSpec((None, None, 1), lambda bi, h, c: (bi, h, 0))
   out_width = pl.next_power_of_2(max_k)
   ids, count = pl.pallas_call(
-      functools.partial(_kernel, n_k=n_k, block_k=block_k, num_new=num_new, chunk=chunk,
-                        causal=causal, top_k=top_k, use_coverage=use_coverage),
+      functools.partial(_kernel, n_k=n_k, group=group, block_k=block_k, num_new=num_new,
+                        chunk=chunk, causal=causal, top_k=top_k, use_coverage=use_coverage),
       grid=(b, hkv, width // chunk),
-      in_specs=[pl.BlockSpec((None, None, group, width), lambda bi, h, c: (bi, h, 0, 0)),
+      in_specs=[pl.BlockSpec((None, None, logits.shape[2], width),
+                             lambda bi, h, c: (bi, h, 0, 0)),
                 per_row, per_row, per_row, one, one, count_spec],
       out_specs=[pl.BlockSpec((None, None, out_width), lambda bi, h, c: (bi, h, 0)),
                  count_spec],
