@@ -15,8 +15,8 @@ attention.py's shape (--heads, --kv_heads, --head_dim; width heads x head_dim),
 bf16 weights and compute, random parameters and a cache of random keys; the sparse layer
 keeps --layer_keep of the key blocks (top_k, threshold 0), or follows
 --layer_rule (e.g. threshold=0,coverage=0.5: the recipes' rule); the row reports
-the blocks it kept along the chain and whether the one-kernel selection
-(gate_select, what a GPU runs) kept the XLA path's blocks. Each step chains
+the blocks it kept along the chain and whether the layer's own step (on a GPU
+the gate's two kernels, gate_step and gate_select) kept the XLA path's blocks. Each step chains
 --decode_chain tokens in one program (the cache donated and carried), timed
 in alternation (--repeats rounds of --iters calls); --trace_kernels N lists each
 layer's N longest kernels from one traced call. Writes DIR/layer_decode.{json,md}.
@@ -78,9 +78,11 @@ def filled_cache(attn, batch, length):
 def chain_selection(attn, x, batch, length, start, n):
   """The sparse layer's kept blocks along the timed chain (its n steps from
   position start, its input x, a filled cache, untimed): the mean count a
-  row and step, and the share of rows and steps where the one-kernel
-  selection (decode_tables with the layer's `auto` kernel; on a CPU host the
-  XLA path) keeps the XLA path's blocks."""
+  row and step, the share of rows and steps where the layer's own step
+  (step_tables with its `auto` kernel: on a GPU gate_step's and gate_select's
+  kernels, on a CPU host the XLA path) keeps the XLA path's blocks, the most
+  blocks a row's two sets differ by, and the largest error of the step's
+  gate keys against XLA's (relative to their largest)."""
   g, cache = attn.block_gate, filled_cache(attn, batch, length)
   kept = lambda ids, count: [set(i[:c]) for i, c in zip(np.asarray(ids).reshape(
       -1, ids.shape[-1]).tolist(), np.asarray(count).reshape(-1).tolist())]
@@ -89,22 +91,27 @@ def chain_selection(attn, x, batch, length, start, n):
   def step(x, cache, pos):
     mask = ops.attention.MaskSpec(q_offset=pos, kv_len=pos + 1,
                                   prefix_len=jnp.zeros_like(pos), causal=True)
-    # The cache the layer returns holds this step's keys, as its selection saw it.
+    q_raw, k_raw = attn.q(x), attn.k(x)
+    ids, count, own = g.step_tables(q_raw, k_raw, cache, mask)   # the layer's own path
+    xla = g.fold_keys(cache, k_raw, mask)
+    selected = g.select_decode(q_raw, xla, mask)[:, :, 0]
+    keys = own[gate.GATE_KEY], xla[gate.GATE_KEY]
+    key_err = jnp.max(jnp.abs(keys[0] - keys[1])) / jnp.max(jnp.abs(keys[1]))
     y, cache = attn(x, pos[:, None], mask, cache)
-    q_raw = attn.q(x)
-    tables = g.decode_tables(q_raw, cache, mask)
-    selected = g.select_decode(q_raw, cache, mask)[:, :, 0]   # the XLA path's
-    return rms_normalized(y), cache, tables, selected
+    return rms_normalized(y), cache, (ids, count), selected, key_err
 
-  counts, same = [], []
+  counts, same, differ, key_errs = [], [], [], []
   for i in range(n):
-    x, cache, tables, selected = step(x, cache, start + i)
+    x, cache, tables, selected, key_err = step(x, cache, start + i)
     fused = kept(*tables)
     xla = [set(np.flatnonzero(row).tolist()) for row in
            np.asarray(selected).reshape(-1, selected.shape[-1])]
     counts += [len(s) for s in fused]
     same += [a == b for a, b in zip(fused, xla)]
-  return dict(kept_mean=float(np.mean(counts)), same_rows=float(np.mean(same)))
+    differ += [len(a ^ b) for a, b in zip(fused, xla)]
+    key_errs.append(float(key_err))
+  return dict(kept_mean=float(np.mean(counts)), same_rows=float(np.mean(same)),
+              most_blocks_differing=max(differ), gate_key_rel_err=max(key_errs))
 
 
 def rms_normalized(x):
@@ -170,6 +177,8 @@ def bench(batch, length):
   ms = time_steps(fns, inputs, attention._REPEATS.value, attention._ITERS.value)
   row = dict(batch=batch, cache=length, chain=chain, rule=_RULE.value or f'keep={_KEEP.value}',
              kept_blocks=selection['kept_mean'], same_selection=selection['same_rows'],
+             most_blocks_differing=selection['most_blocks_differing'],
+             gate_key_rel_err=selection['gate_key_rel_err'],
              ms={name: t / chain for name, t in ms.items()})
   row['speedup'] = row['ms']['dense'] / row['ms']['sparse']
   if _TRACE.value:

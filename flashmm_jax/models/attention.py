@@ -73,15 +73,17 @@ class Attention(nnx.Module):
       k = layers.rope(k, positions, self.rope_base)
     if cache is not None:
       cache = write_cache(cache, k, v, mask.q_offset)
-      if self._keeps_key_stats():
-        # Dense prefills too: later decode steps may be long enough to be sparse.
-        cache = self.block_gate.fold_keys(cache, k_raw, mask)
+    if self._sparse_decode(x.shape[1], cache):
+      # The step folds its keys into the gate's cache entries itself.
+      out, cache = self.block_gate.attend_decode(q_raw, k_raw, q, cache, mask)
+      return self.o(out), cache
+    if cache is not None and self._keeps_key_stats():
+      # Dense prefills and steps too: later decode steps may be long enough to be sparse.
+      cache = self.block_gate.fold_keys(cache, k_raw, mask)
     if self._sparse(x.shape[1], cache):
       # At a prefill (position 0) the cache holds nothing but these keys, so
       # attending over them alone equals attending over the cache.
       out = self.block_gate.attend(q_raw, k_raw, q, k, v, mask)
-    elif self._sparse_decode(x.shape[1], cache):
-      out = self.block_gate.attend_decode(q_raw, q, cache, mask)
     else:
       if cache is not None:
         # Dense decode steps and dense prefills read the whole cache.

@@ -46,6 +46,10 @@ SELECTION_KEYS = ('threshold', 'top_k', 'coverage')
 # kernels at batch 8, cache 32k; the step 0.159 -> 0.132 ms (H200,
 # benchmarks/layer_decode.py, docs/results.md).
 GATE_KEY = 'gate_key'
+# The gate's einsums in full f32 on every backend: a decode step's one-kernel
+# path (gate_step) computes them so, and a block near the selection's cutoff
+# would otherwise land on either side of it (TF32 on a GPU).
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 class SelectionValue(nnx.Variable):
@@ -131,17 +135,19 @@ class BlockGate(nnx.Module):
     offsets)."""
     if blocks is None:
       blocks = jnp.broadcast_to(jnp.arange(pooled_k.shape[1]), pooled_k.shape[:2])
-    gk = jnp.einsum('bkhe,heg->bkhg', pooled_k, self.k_proj[...].astype(jnp.float32))
+    gk = jnp.einsum('bkhe,heg->bkhg', pooled_k, self.k_proj[...].astype(jnp.float32),
+                    precision=_EXACT)
     return jnp.swapaxes(layers.rope(gk, blocks * self.block_sizes.block_k, self.rope_base), 1, 2)
 
   def _logits(self, pooled_q, q_start, gk):
     """Pooled pre-rotary queries [B, nQ, Hq, D] of blocks starting at q_start
     [B, nQ] and gate keys gk [B, Hkv, nK, gate_dim] -> logits [B, Hkv, G, nQ, nK]."""
-    gq = jnp.einsum('bqhd,hdg->bqhg', pooled_q, self.q_proj[...].astype(jnp.float32))
+    gq = jnp.einsum('bqhd,hdg->bqhg', pooled_q, self.q_proj[...].astype(jnp.float32),
+                    precision=_EXACT)
     gq = layers.rope(gq, q_start, self.rope_base)
     b, n_q, hq, g_dim = gq.shape
     gq = gq.reshape(b, n_q, hq // self.group, self.group, g_dim)
-    return jnp.einsum('bqkgd,bkpd->bkgqp', gq, gk) * g_dim ** -0.5
+    return jnp.einsum('bqkgd,bkpd->bkgqp', gq, gk, precision=_EXACT) * g_dim ** -0.5
 
   def _score(self, pooled_q, q_start, gk, visible):
     """_logits -> log-probs [B, Hkv, nQ, nK] over the visible key blocks."""
@@ -224,10 +230,14 @@ class BlockGate(nnx.Module):
     with the step's M new tokens (pre-rotary q_raw [B, M, Hq, D], starting at
     q_offset) as the query block and the cache's gate keys, those of its
     key-block statistics, which hold every key < kv_len (fold_keys)."""
-    m, bk = q_raw.shape[1], self.block_sizes.block_k
-    n_k = cache['k'].shape[1] // bk
-    visible = sg.visible_tiles(mask, m, cache['k'].shape[1], 1, n_k, bt.BlockSizes(m, bk))
-    log_p = sg.gate_log_probs(self._decode_logits(q_raw, cache, mask), visible)
+    return self._decode_keep(self._decode_logits(q_raw, cache, mask), mask, q_raw.shape[1],
+                             cache['k'].shape[1] // self.block_sizes.block_k)
+
+  def _decode_keep(self, logits, mask, m, n_k):
+    """select_decode's rule on a decode step's logits [B, Hkv, G, 1, nK]."""
+    bk = self.block_sizes.block_k
+    visible = sg.visible_tiles(mask, m, n_k * bk, 1, n_k, bt.BlockSizes(m, bk))
+    log_p = sg.gate_log_probs(logits, visible)
     return self._keep(log_p, visible, sg.forced_decode_blocks(mask.q_offset, m, n_k, bk))
 
   def _decode_logits(self, q_raw, cache, mask):
@@ -239,31 +249,78 @@ class BlockGate(nnx.Module):
 
   def decode_tables(self, q_raw, cache, mask):
     """The kv tables (ids [B, Hkv, >= width], count [B, Hkv]) of select_decode's
-    blocks. On a GPU the softmax, the rule and the tables are one kernel
-    (ops.sparse_attention.gate_decode_tables) after the logits, ~20 XLA kernels
+    blocks, from a cache that holds the step's keys (fold_keys)."""
+    return self._tables(self._decode_logits(q_raw, cache, mask)[:, :, :, 0], mask,
+                        q_raw.shape[1], cache['k'].shape[1] // self.block_sizes.block_k)
+
+  def _tables(self, logits, mask, m, n_k):
+    """The kv tables of a decode step's logits [B, Hkv, G', nK] (its first
+    `group` heads real). On a GPU the softmax, the rule and the tables are one
+    kernel (ops.sparse_attention.gate_decode_tables), ~20 XLA kernels
     otherwise; its ids are in rank order, the same blocks up to rounding."""
-    m, bk = q_raw.shape[1], self.block_sizes.block_k
-    width = sg.decode_table_width(cache['k'].shape[1] // bk, m, bk, self.top_k)
+    bk = self.block_sizes.block_k
+    width = sg.decode_table_width(n_k, m, bk, self.top_k)
     if ops.sparse_attention.decode_selection_fused(self.decode_kernel):
       return ops.sparse_attention.gate_decode_tables(
-          self._decode_logits(q_raw, cache, mask)[:, :, :, 0], mask, self.threshold[...],
-          self.coverage[...], block_k=bk, num_new=m, top_k=self.top_k,
-          use_coverage=self.use_coverage, max_k=width)
-    return bt.compact_rows(self.select_decode(q_raw, cache, mask)[:, :, 0], width)
+          logits, mask, self.threshold[...], self.coverage[...], block_k=bk, num_new=m,
+          top_k=self.top_k, use_coverage=self.use_coverage, max_k=width, group=self.group)
+    keep = self._decode_keep(logits[:, :, :self.group, None], mask, m, n_k)
+    return bt.compact_rows(keep[:, :, 0], width)
 
-  def attend_decode(self, q_raw, q, cache, mask):
-    """A sparse decode step, [B, M, Hq, D]: q over the cache blocks select_decode
-    keeps. The cache already holds the step's keys (k, v and statistics).
+  def step_tables(self, q_raw, k_raw, cache, mask):
+    """A decode step's selection from the cache before its keys are folded in:
+    (kv_ids, kv_count, the cache with fold_keys' entries). On a GPU one new
+    token's fold, gate key, query projection and logits are one kernel
+    (ops.sparse_attention.gate_step_logits), ~11 XLA kernels otherwise."""
+    m, n_k = q_raw.shape[1], cache['k'].shape[1] // self.block_sizes.block_k
+    if self._step_fused(m):
+      logits, cache = self._step_logits(q_raw, k_raw, cache, mask)
+    else:
+      cache = self.fold_keys(cache, k_raw, mask)
+      logits = self._decode_logits(q_raw, cache, mask)[:, :, :, 0]
+    return (*self._tables(logits, mask, m, n_k), cache)
+
+  def _step_fused(self, m):
+    """Whether step_tables takes the one-kernel step: one new token, the
+    fused selection's backends, power-of-two head_dim and gate_dim / 2."""
+    pow2 = lambda n: n & (n - 1) == 0
+    return (m == 1 and ops.sparse_attention.decode_selection_fused(self.decode_kernel)
+            and pow2(self.head_dim) and pow2(self.q_proj[...].shape[-1] // 2))
+
+  def _step_logits(self, q_raw, k_raw, cache, mask):
+    """step_tables' one kernel: (logits [B, Hkv, G', nK], cache), the group
+    padded to G' a power of two (its padding heads' logits are 0)."""
+    b, _, _, d = q_raw.shape
+    hkv, group = self.num_kv_heads, self.group
+    pad = [(0, 0)] * 4
+    pad[2] = (0, (1 << (group - 1).bit_length()) - group)
+    q = jnp.pad(q_raw.reshape(b, hkv, group, d), pad)
+    g_dim = self.q_proj[...].shape[-1]
+    # The kernel's layout of the projections (gate_step._project); loop-invariant
+    # in a decode loop, so XLA transposes them once, outside it.
+    q_proj_t = jnp.swapaxes(self.q_proj[...].reshape(hkv, group, d, g_dim), 2, 3)
+    k_proj_t = jnp.swapaxes(self.k_proj[...], 1, 2)
+    logits, stats, gate_key = ops.sparse_attention.gate_step_logits(
+        q, k_raw[:, 0], tuple(cache[name] for name in sg.KEY_STATS), cache[GATE_KEY],
+        jnp.pad(q_proj_t, pad[1:] + [(0, 0)]), k_proj_t, mask,
+        layers.rope_frequencies(g_dim, self.rope_base), block_k=self.block_sizes.block_k)
+    return logits, dict(cache, **dict(zip(sg.KEY_STATS, stats)), **{GATE_KEY: gate_key})
+
+  def attend_decode(self, q_raw, k_raw, q, cache, mask):
+    """A sparse decode step: (out [B, M, Hq, D], cache): the step's pre-rotary
+    keys k_raw folded into the cache's gate entries (its k, v already
+    written), q over the cache blocks select_decode keeps.
 
     Tile statistics are not recorded: decode steps run inside generate's
     while_loop, where a sown value would leak the loop's tracers, and the
     eval's sparsity figures mean the prefill.
     """
-    bk = self.block_sizes.block_k
-    kv_ids, kv_count = self.decode_tables(q_raw, cache, mask)
+    kv_ids, kv_count, cache = self.step_tables(q_raw, k_raw, cache, mask)
     k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
-    return ops.sparse_attention.sparse_decode(q, k, v, mask, kv_ids, kv_count, block_k=bk,
-                                              implementation=self.decode_kernel)
+    out = ops.sparse_attention.sparse_decode(q, k, v, mask, kv_ids, kv_count,
+                                             block_k=self.block_sizes.block_k,
+                                             implementation=self.decode_kernel)
+    return out, cache
 
 
 def gates(model):

@@ -112,11 +112,15 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+def rope_frequencies(dim, base):
+  """The inverse frequencies [dim / 2] of rope over vectors of `dim`."""
+  half = dim // 2
+  return base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+
+
 def rope(x, positions, base):
   """Rotary embedding of x [B, T, H, D] at integer positions [B, T] (half-split pairs)."""
-  half = x.shape[-1] // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq
+  angle = positions.astype(jnp.float32)[:, :, None, None] * rope_frequencies(x.shape[-1], base)
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

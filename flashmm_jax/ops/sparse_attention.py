@@ -238,22 +238,47 @@ def decode_selection_fused(implementation):
 
 
 def gate_decode_tables(logits, mask, threshold, coverage, *, block_k, num_new, top_k,
-                       use_coverage, max_k):
+                       use_coverage, max_k, group=None):
   """A learned gate's decode-step tables from its logits [B, Hkv, G, nK] in
   one kernel (pallas_kernels/sparse_attention/gate_select.py): the softmax
-  over visible key blocks averaged over the GQA group, the rule (threshold,
-  top_k, coverage; forced blocks kept) and the tables, kv_ids [B, Hkv, >=
-  max_k] in rank order and kv_count [B, Hkv]."""
+  over visible key blocks averaged over the GQA group (its first `group`
+  heads; None: all G), the rule (threshold, top_k, coverage; forced blocks
+  kept) and the tables, kv_ids [B, Hkv, >= max_k] in rank order and kv_count
+  [B, Hkv]."""
   from pallas_kernels.sparse_attention import gate_select  # pylint: disable=g-import-not-at-top
 
   def tables(logits, mask, threshold, coverage):
     return gate_select.decode_tables(
         logits, mask.q_offset, mask.kv_len, prefix_for(mask), threshold, coverage,
         causal=mask.causal, block_k=block_k, num_new=num_new, top_k=top_k,
-        use_coverage=use_coverage, max_k=max_k, interpret=_triton_interpret())
+        use_coverage=use_coverage, max_k=max_k, group=group, interpret=_triton_interpret())
   return partition.per_shard(tables, (logits, mask, threshold, coverage),
                              (partition.PER_KV_HEAD, partition.PER_ROW, (), ()),
                              [partition.PER_KV_HEAD, partition.PER_KV_HEAD])
+
+
+def gate_step_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, mask, freq, *, block_k):
+  """A learned gate's decode step up to its logits in one kernel
+  (pallas_kernels/sparse_attention/gate_step.py): one new token's pre-rotary
+  key k [B, Hkv, D] folded into the cache's key statistics `stats` (f32
+  [B, nK, Hkv, D] each) and its block's gate key re-projected (gate_key
+  [B, Hkv, nK, gate_dim]), its query q [B, Hkv, G, D] projected (the
+  projections transposed: q_proj_t [Hkv, G, gate_dim, D], k_proj_t [Hkv,
+  gate_dim, 3D]), rotated (freq: the rotary inverse frequencies) and scored
+  against every gate key. Returns (logits f32 [B, Hkv, G, nK], stats,
+  gate_key)."""
+  from pallas_kernels.sparse_attention import gate_step  # pylint: disable=g-import-not-at-top
+
+  def step(q, k, stats, gate_key, q_proj_t, k_proj_t, mask, freq):
+    return gate_step.decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, mask.q_offset,
+                                   mask.kv_len, freq, block_k=block_k,
+                                   interpret=_triton_interpret())
+  per_head = ('kv_heads',)
+  return partition.per_shard(
+      step, (q, k, stats, gate_key, q_proj_t, k_proj_t, mask, freq),
+      (partition.PER_KV_HEAD, partition.PER_KV_HEAD, partition.KV, partition.PER_KV_HEAD,
+       per_head, per_head, partition.PER_ROW, ()),
+      [partition.PER_KV_HEAD, partition.KV, partition.PER_KV_HEAD])
 
 
 _DECODE_SCORED = registry.Registry('scored sparse decode')

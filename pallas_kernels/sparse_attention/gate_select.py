@@ -186,11 +186,11 @@ def launch(rows: int, width: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'causal', 'block_k', 'num_new', 'top_k', 'use_coverage', 'max_k', 'chunk', 'interpret',
-    'num_warps'))
+    'causal', 'block_k', 'num_new', 'top_k', 'use_coverage', 'max_k', 'group', 'chunk',
+    'interpret', 'num_warps'))
 def decode_tables(logits, q_offset, kv_len, prefix_len, threshold, coverage, *, causal: bool,
                   block_k: int, num_new: int, top_k: int, use_coverage: bool, max_k: int,
-                  chunk: int | None = None, interpret: bool = False,
+                  group: int | None = None, chunk: int | None = None, interpret: bool = False,
                   num_warps: int | None = None):
   """A decode step's selection from the gate's logits in one kernel: (ids
   [B, Hkv, W'] in rank order, count [B, Hkv]).
@@ -202,11 +202,16 @@ def decode_tables(logits, q_offset, kv_len, prefix_len, threshold, coverage, *, 
   recompile); top_k the budget of non-forced blocks (0: none); use_coverage
   whether the coverage rule runs (with coverage 0 it keeps forced blocks
   only). ids: W' is max_k rounded up to a power of two; slots below the
-  count hold the kept blocks, the rest other blocks of the row. chunk /
-  num_warps None: launch's (about one program an SM).
+  count hold the kept blocks, the rest other blocks of the row. group: the
+  real heads, the first of logits' G (None: all; gate_step's logits come
+  padded to a power of two). chunk / num_warps None: launch's (about one
+  program an SM).
   """
   logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
-  b, hkv, group, n_k = logits.shape
+  b, hkv, heads, n_k = logits.shape
+  group = group or heads
+  if not 1 <= group <= heads:
+    raise ValueError(f'decode_tables: {group=} must be in [1, {heads}] (logits {logits.shape})')
   if not 1 <= max_k <= n_k:
     raise ValueError(f'decode_tables: {max_k=} must be in [1, {n_k=}]')
   width = pl.next_power_of_2(n_k)
@@ -216,7 +221,7 @@ def decode_tables(logits, q_offset, kv_len, prefix_len, threshold, coverage, *, 
     raise ValueError(f'decode_tables: {chunk=} must be a power of two')
   # Triton's blocks are powers of two: pad the blocks (past n_k: invisible)
   # and the group (its padding heads masked in the kernel).
-  logits = jnp.pad(logits, ((0, 0), (0, 0), (0, pl.next_power_of_2(group) - group),
+  logits = jnp.pad(logits, ((0, 0), (0, 0), (0, pl.next_power_of_2(heads) - heads),
                             (0, width - n_k)))
   row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b,))
   scalar = lambda x: jnp.asarray(x, jnp.float32).reshape(1)

@@ -249,9 +249,16 @@ def _hand_selection(p, visible, forced, threshold, top_k):
   return (keep | forced) & visible
 
 
+# 'triton' on a CPU host: the gate's step and selection kernels and the sparse decode
+# kernel, interpreted (the GPU's path; its tiles are powers of two); 'reference':
+# the XLA path.
+KERNELS = {'reference': dict(kernel='reference'), 'triton': dict(kernel='triton', block_k=16)}
+
+
+@pytest.mark.parametrize('kernel', KERNELS)
 @pytest.mark.parametrize('rule', [dict(top_k=1), dict(threshold=0.9)])
-def test_pruned_decode_step_equals_attention_over_the_selected_blocks(dense, rule):
-  config = sparse_config(decode=True, **rule)
+def test_pruned_decode_step_equals_attention_over_the_selected_blocks(dense, rule, kernel):
+  config = sparse_config(decode=True, **KERNELS[kernel], **rule)
   model = with_dense_params(config, dense)
   b = long_batch(config)
   prefix_len = np.array([40, 25, 30], np.int32)    # 4-5 visible key blocks of 12 per row
@@ -295,8 +302,10 @@ def test_pruned_decode_step_equals_attention_over_the_selected_blocks(dense, rul
   assert np.abs(out - attention(np.broadcast_to(visible, keep.shape))).max() > 1e-4
 
 
-def test_cache_key_statistics_are_the_pooled_keys_of_the_whole_sequence(dense):
-  config = sparse_config(decode=True)  # keeps every block: decoding equals the forward
+@pytest.mark.parametrize('kernel', KERNELS)
+def test_cache_key_statistics_are_the_pooled_keys_of_the_whole_sequence(dense, kernel):
+  # Keeps every block: decoding equals the forward.
+  config = sparse_config(decode=True, **KERNELS[kernel])
   model = with_dense_params(config, dense)
   _make_context_matter(model)
   b = long_batch(config)

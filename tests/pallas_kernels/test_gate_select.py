@@ -170,3 +170,5 @@ def test_bad_shapes_name_the_problem():
       use_coverage=False, interpret=True, **{'max_k': 24, **kw})
   with pytest.raises(ValueError, match='max_k=30 must be in'):
     call(_logits(1), max_k=30)
+  with pytest.raises(ValueError, match=r'group=5 must be in \[1, 4\]'):
+    call(_logits(1), group=5)

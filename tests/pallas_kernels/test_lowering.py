@@ -21,8 +21,8 @@ from jax._src import mesh as mesh_lib
 
 from pallas_kernels.sparse_attention import BlockSizes, BlockTables
 from pallas_kernels.sparse_attention import block_tables as bt
-from pallas_kernels.sparse_attention import (decode, gate_select, mosaic_gpu, mosaic_gpu_decode,
-                                             select_triton, tpu, triton)
+from pallas_kernels.sparse_attention import (decode, gate_select, gate_step, mosaic_gpu,
+                                             mosaic_gpu_decode, select_triton, tpu, triton)
 
 H100 = mesh_lib.AbstractDevice(device_kind='NVIDIA H100', num_cores=132, platform='gpu')
 TPU_V5E = mesh_lib.AbstractDevice(device_kind='TPU v5 lite', num_cores=1, platform='tpu')
@@ -121,6 +121,12 @@ CASES = {
         use_coverage=True, max_k=7),
         (_aval((B, HKV, HQ // HKV, 12), jnp.float32),) + DECODE_LENS
         + (_aval((), jnp.float32),) * 2, 'triton'),
+    # The learned gate's decode step up to its logits: 16 blocks, gate_dim 64.
+    'gate_decode_logits': (functools.partial(gate_step.decode_logits, block_k=64), (
+        _aval((B, HKV, HQ // HKV, D)), _aval((B, HKV, D)),
+        (_aval((B, 16, HKV, D), jnp.float32),) * 3, _aval((B, HKV, 16, 64), jnp.float32),
+        _aval((HKV, HQ // HKV, 64, D)), _aval((HKV, 64, 3 * D)), _aval((B,), I32),
+        _aval((B,), I32), _aval((32,), jnp.float32)), 'triton'),
 }
 
 
