@@ -168,7 +168,7 @@ def bench(batch, length):
     attn = layer(name == 'sparse', n_k, _KEEP.value)
     x = jax.random.normal(jax.random.key(2), (batch, 1, attn.o.out_shape[-1]), jnp.bfloat16)
     cache = filled_cache(attn, batch, length)
-    if attn._sparse_decode(1, cache) != (name == 'sparse'):   # pylint: disable=protected-access
+    if attn.sparse_decode(1, cache) != (name == 'sparse'):
       raise ValueError(f'the {name} layer would not decode {name}ly at cache {length}')
     fns[name] = chained_steps(attn, chain)
     inputs[name] = (x, cache, start)

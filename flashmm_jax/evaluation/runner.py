@@ -32,9 +32,12 @@ def _decode(graphdef, state, image, text, prefix_len, max_new_tokens, eos_id):
 
 def make_decoder(model, max_new_tokens, eos_id):
   """A jitted (image, text, prefix_len) -> (tokens, gate stats) function over the
-  model's state; the stats (gate.layer_stats of the prefill) are {} for a dense model.
-  One jitted function for every decoder: models with equal graphdefs (e.g. one
-  gate under a sweep of thresholds or coverages, which are state) share its compile."""
+  model's state; the stats (gate.layer_stats of the prefill and, with sparse
+  decode steps, of those: the model's gates count them from here on) are {}
+  for a dense model. One jitted function for every decoder: models with equal
+  graphdefs (e.g. one gate under a sweep of thresholds or coverages, which are
+  state) share its compile."""
+  gate.set_count_decode(model, True)
   graphdef, state = nnx.split(model)
   return functools.partial(_decode, graphdef, state, max_new_tokens=max_new_tokens,
                            eos_id=eos_id)
@@ -67,7 +70,8 @@ def evaluate_task(decode, config, tokenizer, task, noise='', put=None):
 
 
 def sparsity_summary(stats):
-  """Plain-float sparsity figures for results.json (prefill of the eval batches)."""
+  """Plain-float sparsity figures for results.json: the eval batches' prefill
+  and, when the model's decode steps are sparse, those steps (`.../decode...`)."""
   return {k: float(v) for k, v in gate.sparsity_metrics(stats).items()}
 
 
@@ -98,10 +102,12 @@ def evaluate(model, config, tokenizer, noise='', put=None):
 
 
 def results_markdown(results, title='Eval'):
-  sparse = 'sparsity' in results
-  lines = [f'## {title}', '', '| task | metric | score | n |' + (' sparsity |' if sparse else ''),
-           '| --- | --- | --- | --- |' + (' --- |' if sparse else '')]
-  cell = lambda r: f' {100 * r["sparsity"]["sparsity/overall"]:.1f}% |' if sparse else ''
+  names = {'sparsity/overall': 'sparsity', 'sparsity/decode': 'decode sparsity'}
+  names = {k: v for k, v in names.items() if k in results.get('sparsity', {})}
+  lines = [f'## {title}', '', '| task | metric | score | n |' + ''.join(
+      f' {v} |' for v in names.values()), '| --- | --- | --- | --- |' + ' --- |' * len(names)]
+  cell = lambda r: ''.join(f' {100 * r["sparsity"][k]:.1f}% |' if k in r.get('sparsity', {})
+                           else ' |' for k in names)
   for task, r in results['tasks'].items():
     lines.append(f'| {task} | {r["metric"]} | {100 * r["score"]:.1f} | {r["n"]} |{cell(r)}')
   lines.append(f'| **mean** | | **{100 * results["mean"]:.1f}** | |{cell(results)}')

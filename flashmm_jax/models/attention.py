@@ -73,7 +73,7 @@ class Attention(nnx.Module):
       k = layers.rope(k, positions, self.rope_base)
     if cache is not None:
       cache = write_cache(cache, k, v, mask.q_offset)
-    if self._sparse_decode(x.shape[1], cache):
+    if self.sparse_decode(x.shape[1], cache):
       # The step folds its keys into the gate's cache entries itself.
       out, cache = self.block_gate.attend_decode(q_raw, k_raw, q, cache, mask)
       return self.o(out), cache
@@ -106,7 +106,7 @@ class Attention(nnx.Module):
       return False
     return self.block_gate.applies(length)
 
-  def _sparse_decode(self, length, cache):
+  def sparse_decode(self, length, cache):
     """Sparse decode step: model.sparse.decode and a cache long enough for the
     sparse path (static, like the prefill's length test)."""
     return (_is_decode_step(length, cache) and self._keeps_key_stats()

@@ -4,7 +4,8 @@ The cache is a plain pytree so a serving engine can own and page it: one dict
 per LM block, k and v of [B, S, Hkv, D], and with model.sparse.decode the
 gate's key-block statistics gate_max, gate_min, gate_sum, f32 [B, S / block_k,
 Hkv, D] over the pre-rotary keys written so far, and each block's gate key
-(gate_key, f32 [B, Hkv, S / block_k, gate_dim]). Row b's new token t sits at
+(gate_key, f32 [B, Hkv, S / block_k, gate_dim]), and, when the eval counts them,
+the decode steps' blocks (gate.DECODE_COUNTS, f32 [B]). Row b's new token t sits at
 absolute position image_tokens + prefix_len[b] + t, exactly where training put
 it: ragged prompts need no left padding.
 """
@@ -76,5 +77,14 @@ def generate(model, image, text, prefix_len, *, max_new_tokens, eos_id):
     return t + 1, tokens, done | (token == eos_id), cache
 
   state = (jnp.int32(1), tokens, first == eos_id, cache)
-  _, tokens, _, _ = lax.while_loop(unfinished, next_token, state)
+  _, tokens, _, cache = lax.while_loop(unfinished, next_token, state)
+  _record_decode_counts(model, cache)
   return tokens
+
+
+def _record_decode_counts(model, cache):
+  """Each layer's sparse decode steps' counts (gate.set_count_decode),
+  recorded once the loop is done (under nnx.capture: the eval's figures)."""
+  for blk, layer_cache in zip(model.decoder.blocks, cache):
+    if gate.DECODE_COUNTS[0] in layer_cache and blk.attn.sparse_decode(1, layer_cache):
+      blk.attn.block_gate.record_decode_counts(layer_cache)

@@ -208,11 +208,45 @@ def test_sparse_decode_keeping_every_block_equals_dense_decode(dense):
   np.testing.assert_array_equal(tokens, want_tokens)
   assert len(np.unique(tokens)) > 3
   np.testing.assert_allclose(logits, want_logits, atol=2e-5)
-  assert set(cache[0]) == {'k', 'v', *sg.KEY_STATS, gate.GATE_KEY}   # kept statistics
-  # The eval's sparsity figures still cover the prefill only.
-  assert stats.keys() == want_stats.keys() and float(stats['visible_tiles'].sum()) > 0
-  for name, value in stats.items():
-    np.testing.assert_array_equal(value, want_stats[name], err_msg=name)
+  # Kept statistics, and the decode steps' counters.
+  assert set(cache[0]) == {'k', 'v', *sg.KEY_STATS, gate.GATE_KEY, *gate.DECODE_COUNTS}
+  # The prefill's figures are the dense-decoding model's; the decode steps' are
+  # new, and keep every visible block.
+  decode_names = {'decode_kept_blocks', 'decode_visible_blocks', 'decode_flops_saved'}
+  assert stats.keys() == want_stats.keys() | decode_names
+  assert float(stats['visible_tiles'].sum()) > 0
+  for name, value in want_stats.items():
+    np.testing.assert_array_equal(stats[name], value, err_msg=name)
+  np.testing.assert_array_equal(stats['decode_kept_blocks'], stats['decode_visible_blocks'])
+  assert float(gate.sparsity_metrics(stats)['sparsity/decode']) == 0.0
+
+
+def test_the_decoder_reports_its_sparse_decode_steps(dense):
+  """generate's decode steps, counted in the cache and recorded after its loop:
+  per layer the blocks they read and the blocks visible to them, by hand."""
+  config = sparse_config(decode=True, top_k=1)
+  model = with_dense_params(config, dense)
+  b = long_batch(config)
+  steps = 5
+  counters = lambda: set(gate.DECODE_COUNTS) & set(models.init_cache(model, 3, 64)[0])
+  assert not counters()   # off by default: a kernel a step
+  _, stats = runner.make_decoder(model, steps + 1, eos_id=-1)(b['image'], b['text'],
+                                                              b['prefix_len'])
+  assert counters() == set(gate.DECODE_COUNTS)   # the eval's decoder turned them on
+  hkv, bk = config.model.lm.num_kv_heads, config.model.sparse.block_k
+  kv_len = model.num_image_tokens + b['prefix_len'][:, None] + np.arange(1, steps + 1)
+  visible = -(-kv_len // bk)                               # blocks below kv_len
+  kept = np.minimum(visible, np.where(visible > 1, 2, 1) + 1)   # forced + top_k 1
+  depth = config.model.lm.depth
+  np.testing.assert_array_equal(stats['decode_visible_blocks'], [hkv * visible.sum()] * depth)
+  np.testing.assert_array_equal(stats['decode_kept_blocks'], [hkv * kept.sum()] * depth)
+  metrics = gate.sparsity_metrics(stats)
+  np.testing.assert_allclose(metrics['sparsity/decode'], 1 - kept.sum() / visible.sum(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics['sparsity/decode_layer_1'], metrics['sparsity/decode'])
+  per_block = 4 * bk * config.model.lm.head_dim * (config.model.lm.num_heads // hkv)
+  np.testing.assert_allclose(metrics['decode_attn_flops_saved'],
+                             depth * hkv * (visible - kept).sum() * per_block, rtol=1e-6)
 
 
 def _rope(x, positions, base):

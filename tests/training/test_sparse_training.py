@@ -87,6 +87,10 @@ def test_eval_results_carry_sparsity_per_task(gate_run):
   assert {'sparsity/overall', 'sparsity/layer_0', 'attn_flops_saved'} <= set(task['sparsity'])
   assert 0.0 <= results['sparsity']['sparsity/overall'] <= 1.0
   assert '| sparsity |' in runner.results_markdown(results)
+  # With sparse decode steps, their figures too (a column beside the prefill's).
+  results['sparsity']['sparsity/decode'] = 0.25
+  assert '| sparsity | decode sparsity |' in runner.results_markdown(results)
+  assert '| **mean** | |' in runner.results_markdown(results)
 
 
 def test_init_from_a_sparse_checkpoint_restores_the_gate_too(gate_run, tmp_path):
