@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+
 def rotate(x1, x2, position, freq):
   """Rotary embedding of a vector split in halves x1, x2 (layers.rope's
   half-split pairs) at `position`: freq the half's inverse frequencies."""
@@ -42,7 +43,7 @@ def _project(x, weight, half):
   """x [n] f32 through a transposed weight [2 * half, n] (weight(rows): those
   rows, one ref index, as Triton's lowering takes): its two halves, [half]
   each. Transposed, each sum runs along a row, within a warp (summing down
-  columns, across warps, took half as long again on an H200)."""
+  columns, across warps, was slower on an H200 in an untracked A/B)."""
   w = lambda start: weight(pl.ds(start, half)).astype(jnp.float32)
   return jnp.sum(w(0) * x[None, :], axis=1), jnp.sum(w(half) * x[None, :], axis=1)
 
@@ -105,8 +106,8 @@ def launch(n_k: int) -> tuple[int, int]:
   dividing n_k, at most 128, and 8 warps. Each program's chain of reductions
   (its group's projections, then its chunk's logits) sets the kernel's time,
   not their number; on an H200 (gate_step_launch.py, the kernel alone, us):
-  batch 8 x 512 blocks x 4 kv heads, 128x8 6.6, 128x4 8.5, 32x4 10.5, 16x4
-  16.1; 1 x 512 x 4: 128x8 6.2, 16x4 7.1; 8 x 128 x 4: 128x8 7.5, 32x4 7.8."""
+  batch 8 x 512 blocks x 4 kv heads, 128x8 6.6, 128x4 8.9, 32x4 10.1, 16x4
+  16.2; 1 x 512 x 4: 128x8 6.2, 16x4 7.2; 8 x 128 x 4: 128x8 7.5, 32x4 7.8."""
   return min(128, n_k & -n_k), 8
 
 
