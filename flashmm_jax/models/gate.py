@@ -308,8 +308,9 @@ class BlockGate(nnx.Module):
     pad[2] = (0, (1 << (group - 1).bit_length()) - group)
     q = jnp.pad(q_raw.reshape(b, hkv, group, d), pad)
     g_dim = self.q_proj[...].shape[-1]
-    # The kernel's layout of the projections (gate_step._project); loop-invariant
-    # in a decode loop, so XLA transposes them once, outside it.
+    # The kernel's layout of the projections (gate_step._project): a transpose
+    # of the params, the same at every step of a decode loop, which XLA may
+    # hoist out of it (not checked).
     q_proj_t = jnp.swapaxes(self.q_proj[...].reshape(hkv, group, d, g_dim), 2, 3)
     k_proj_t = jnp.swapaxes(self.k_proj[...], 1, 2)
     logits, stats, gate_key = ops.sparse_attention.gate_step_logits(

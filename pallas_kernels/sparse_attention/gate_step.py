@@ -140,7 +140,7 @@ def decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, f
   padding); stats: the cache's (max, min, sum) key statistics, f32 [B, nK,
   Hkv, D] each; gate_key f32 [B, Hkv, nK, gate_dim]; q_proj_t [Hkv, G,
   gate_dim, D] and k_proj_t [Hkv, gate_dim, 3D] the gate's projections,
-  transposed (_project: a decode loop transposes them once, outside); freq
+  transposed (_project; the same at every step of a decode loop); freq
   [gate_dim / 2] the rotary inverse frequencies. Returns (logits f32 [B, Hkv,
   G, nK], stats, gate_key): the statistics and gate key of the token's block
   updated in place. D, G and gate_dim / 2 are powers of two. chunk /
