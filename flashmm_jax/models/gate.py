@@ -309,8 +309,9 @@ class BlockGate(nnx.Module):
     q = jnp.pad(q_raw.reshape(b, hkv, group, d), pad)
     g_dim = self.q_proj[...].shape[-1]
     # The kernel's layout of the projections (gate_step._project): a transpose
-    # of the params, the same at every step of a decode loop, which XLA may
-    # hoist out of it (not checked).
+    # of the params, which XLA hoisted out of generate's while_loop (H200, the
+    # small model); the pad of a group of 3 to 4 it did not (a small kernel a
+    # step: the kernel could read each head's rows of an unpadded group).
     q_proj_t = jnp.swapaxes(self.q_proj[...].reshape(hkv, group, d, g_dim), 2, 3)
     k_proj_t = jnp.swapaxes(self.k_proj[...], 1, 2)
     logits, stats, gate_key = ops.sparse_attention.gate_step_logits(
