@@ -53,12 +53,24 @@ def kernel_us(batch, n_k, rule, chunk):
       return acc + count.sum() + ids[..., 0].sum()
     return jax.lax.fori_loop(0, _CALLS.value, one, 0)
 
-  jax.block_until_ready(run(logits, start))   # compile
-  events = decode_timeline.profiled_kernels(lambda: jax.block_until_ready(run(logits, start)))
+  return median_kernel_us(run, logits, start)
+
+
+def median_kernel_us(run, *args):
+  """Median GPU time (us) of the Pallas kernel (`_kernel`) that the jitted
+  run(*args) launches --calls times, from one call traced after a first."""
+  jax.block_until_ready(run(*args))   # compile
+  events = decode_timeline.profiled_kernels(lambda: jax.block_until_ready(run(*args)))
   times = [duration for _, duration, name in events if name == '_kernel']
   if len(times) != _CALLS.value:
-    raise ValueError(f'traced {len(times)} selection kernels, want {_CALLS.value}')
+    raise ValueError(f'traced {len(times)} kernels named _kernel, want {_CALLS.value}')
   return statistics.median(times) / 1e3
+
+
+def defaults_line(rows):
+  """The markdown line naming each row's default launch."""
+  return '\ndefault (chunk, warps): ' + ', '.join(
+      f"{r['batch']} x {r['cache']}: {tuple(r['default'])}" for r in rows)
 
 
 def bench(batch, length):
@@ -83,8 +95,7 @@ def markdown(rows, env):
     for name, us in r['us'].items():
       cells = ' | '.join(f'{us[c]:.1f}' for c in chunks)
       lines.append(f"| {r['batch']} x {r['cache']} ({r['blocks']}) | {name} | {cells} |")
-  lines.append('\ndefault (chunk, warps): ' + ', '.join(
-      f"{r['batch']} x {r['cache']}: {tuple(r['default'])}" for r in rows))
+  lines.append(defaults_line(rows))
   return '\n'.join(lines) + '\n'
 
 

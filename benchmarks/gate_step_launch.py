@@ -13,7 +13,6 @@ launch's default. Writes gate_step_launch.{json,md}.
 """
 
 import os
-import statistics
 import sys
 
 from absl import app
@@ -23,8 +22,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attention  # noqa: E402
-from benchmarks import decode_timeline  # noqa: E402
 from benchmarks import gate_select_launch  # noqa: E402
+from flashmm_jax.models import layers  # noqa: E402
 from pallas_kernels.sparse_attention import gate_step  # noqa: E402
 
 _LAUNCHES = flags.DEFINE_list('launches', ['0', '16x4', '32x4', '64x4', '128x4', '128x8'],
@@ -53,7 +52,7 @@ def kernel_us(batch, n_k, launch):
   chunk, warps = (None, None) if launch == '0' else map(int, launch.split('x'))
   x = inputs(batch, n_k)
   start = jnp.full((batch,), n_k * BLOCK_K - _CALLS.value - 1, jnp.int32)
-  freq = 10000.0 ** (-jnp.arange(GATE_DIM // 2, dtype=jnp.float32) / (GATE_DIM // 2))
+  freq = layers.rope_frequencies(GATE_DIM, 10000.0)
 
   @jax.jit
   def run(x, start):
@@ -65,12 +64,7 @@ def kernel_us(batch, n_k, launch):
       return stats, gate_key, acc + logits[:, :, 0, -1].sum()
     return jax.lax.fori_loop(0, _CALLS.value, one, (x['stats'], x['gate_key'], 0.0))
 
-  jax.block_until_ready(run(x, start))   # compile
-  events = decode_timeline.profiled_kernels(lambda: jax.block_until_ready(run(x, start)))
-  times = [duration for _, duration, name in events if name == '_kernel']
-  if len(times) != _CALLS.value:
-    raise ValueError(f'traced {len(times)} step kernels, want {_CALLS.value}')
-  return statistics.median(times) / 1e3
+  return gate_select_launch.median_kernel_us(run, x, start)
 
 
 def bench(batch, length):
@@ -91,8 +85,7 @@ def markdown(rows, env):
   for r in rows:
     cells = ' | '.join(f"{r['us'][l]:.1f}" for l in launches)
     lines.append(f"| {r['batch']} x {r['cache']} ({r['blocks']}) | {cells} |")
-  lines.append('\ndefault (chunk, warps): ' + ', '.join(
-      f"{r['batch']} x {r['cache']}: {tuple(r['default'])}" for r in rows))
+  lines.append(gate_select_launch.defaults_line(rows))
   return '\n'.join(lines) + '\n'
 
 

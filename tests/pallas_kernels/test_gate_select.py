@@ -111,7 +111,8 @@ def _cache_and_mask(g, seed, b, n_k, m):
   return cache, mask
 
 
-def _kept_sets(ids, count):
+def kept_sets(ids, count):
+  """Per (row, kv head), the set of the first count ids (test_gate_step too)."""
   return [[set(np.asarray(ids)[b, h, :c].tolist()) for h, c in enumerate(row)]
           for b, row in enumerate(np.asarray(count))]
 
@@ -130,7 +131,7 @@ def test_reference_keeps_the_models_blocks(rule, m):
       logits, mask.q_offset, mask.kv_len, mask.prefix_len, causal=True, block_k=BLOCK_K,
       num_new=m, max_k=24, **RULES[rule])
   np.testing.assert_array_equal(count, want_count)
-  assert _kept_sets(ids, count) == _kept_sets(want_ids, want_count)
+  assert kept_sets(ids, count) == kept_sets(want_ids, want_count)
 
 
 @pytest.mark.parametrize('hq', [8, 6])   # groups of 4 and 3
@@ -146,7 +147,7 @@ def test_the_gate_takes_the_kernel_where_its_decode_kernel_is_triton(hq):
   g.decode_kernel = 'triton'
   got = g.decode_tables(q, cache, mask)
   assert got[0].shape[-1] == 16 and want[0].shape[-1] == 9   # top_k 7 + block 0 + own block
-  assert _kept_sets(*got) == _kept_sets(*want)
+  assert kept_sets(*got) == kept_sets(*want)
 
 
 def test_the_seam_runs_each_devices_rows_under_a_mesh():

@@ -18,6 +18,7 @@ from flashmm_jax.models import layers
 from flashmm_jax.ops import sparse_gate as sg
 from flashmm_jax.training import sharding
 from pallas_kernels.sparse_attention import gate_step as gs
+from tests.pallas_kernels.test_gate_select import kept_sets
 
 BLOCK_K, ROPE_BASE = 16, 10000.0
 
@@ -119,11 +120,6 @@ def test_reference_is_the_models_xla_path():
   np.testing.assert_allclose(gate_key, want_cache[gate.GATE_KEY], rtol=1e-5, atol=1e-5)
 
 
-def _kept_sets(ids, count):
-  return [[set(np.asarray(ids)[b, h, :c].tolist()) for h, c in enumerate(row)]
-          for b, row in enumerate(np.asarray(count))]
-
-
 @pytest.mark.parametrize('hq', [8, 6])   # groups of 4 and 3 (padded to 4)
 def test_the_gates_step_takes_both_kernels_where_its_decode_kernel_is_triton(hq):
   """BlockGate.step_tables: 'triton' on a CPU host runs gate_step and
@@ -137,7 +133,7 @@ def test_the_gates_step_takes_both_kernels_where_its_decode_kernel_is_triton(hq)
   assert g._step_fused(1)   # pylint: disable=protected-access
   ids, count, got_cache = g.step_tables(q_raw, k_raw, cache, mask)
   np.testing.assert_array_equal(count, want_count)
-  assert _kept_sets(ids, count) == _kept_sets(want_ids, want_count)
+  assert kept_sets(ids, count) == kept_sets(want_ids, want_count)
   assert (np.asarray(count) < 24).any(), 'the rule pruned nothing'
   assert set(got_cache) == set(want_cache)
   for name in got_cache:
