@@ -121,6 +121,12 @@ _DECODE_MOSAIC = flags.DEFINE_list('decode_mosaic', ['0x1', '0x2'], 'the Mosaic 
                                    '(0 splits: its default); the first also with each other '
                                    'decode --select_method: keys ours_mosaic_s65_<spec>[_kernel'
                                    '|_<method>]')
+# At batch 8 x 32k a chained 65% step took 4-6% less time with 128-key blocks
+# than with 64 (the selection ranks 256 blocks instead of 512: 5.1 us against
+# 8.4; the decode kernel the same 47; H200, docs/results.md).
+_DECODE_BLOCK_K = flags.DEFINE_integer('decode_block_k', 128, 'key block of the decode '
+                                       'selection and kernels (64 or 128): the decode '
+                                       'tools\' tables, pooled keys and budget')
 _DECODE_CHAIN = flags.DEFINE_integer('decode_chain', 0, 'also time N decode steps chained in '
                                      'one program (chained): per-step ms in chain_ms, for '
                                      'cuDNN and our 65% paths; 0: not')
@@ -573,19 +579,20 @@ def decode_shapes():
   return [tuple(map(int, spec.split('x'))) for spec in _DECODE.value]
 
 
-def decode_case(batch, cache, block_k=64, sparsity=0.65):
+def decode_case(batch, cache, block_k=None, sparsity=0.65):
   """The decode tools' case (decode_ab, profile_decode, cta_spread,
   decode_timeline): a timed step's arguments (q, the k and v caches, the
   pooled keys, kv_len, prefix_len, q_offset; decode_inputs), the blocks a row
   keeps at `sparsity`, and the step's selection method (decode_select_methods'
   first)."""
+  block_k = block_k or _DECODE_BLOCK_K.value
   q, kc, vc, lens = decode_inputs(batch, cache)
   pooled = jax.jit(pool_keys, static_argnums=1)(kc, block_k)
   return ((q, kc, vc, pooled, *lens), decode_budget(sparsity, cache // block_k),
           decode_select_methods()[0])
 
 
-def mosaic_decode_step(budget, method, block_k=64, kernel=mosaic_gpu_decode,
+def mosaic_decode_step(budget, method, block_k=None, kernel=mosaic_gpu_decode,
                        select_options=None, **options):
   """jitted (q, k, v, pooled, kv_len, prefix_len, q_offset) -> out: a decode
   step keeping `budget` blocks a row, decode_tables by `method` (and
@@ -593,6 +600,7 @@ def mosaic_decode_step(budget, method, block_k=64, kernel=mosaic_gpu_decode,
   version of its file) with `options`; on a CPU in the GPU interpreter (a
   smoke run)."""
   interpret = jax.default_backend() == 'cpu'
+  block_k = block_k or _DECODE_BLOCK_K.value
 
   def step(q, k, v, pooled, *lens):
     ids, count = decode_tables(q, pooled, budget, method, **(select_options or {}))
@@ -654,7 +662,7 @@ def decode_tables(q, pooled, budget, method='top_k', **ranked_options):
                                budget, method=method, padded=True)
 
 
-def bench_decode(batch, cache, block_k=64, new=1):
+def bench_decode(batch, cache, block_k=None, new=1):
   """One decode step (new tokens of each GQA group) against a full cache:
   `ours_s*` select through top-k and tables, `ours_fused_s*` inside the kernel
   (the same number of blocks: block 0, the last one, and the best others).
@@ -662,6 +670,7 @@ def bench_decode(batch, cache, block_k=64, new=1):
   split merge inside). tbps: the K/V bytes a key reads (all of the cache, or
   the 35% of it at s65) over its time, TB/s. Inputs and lengths: decode_inputs."""
   hq, hkv, d = _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
+  block_k = block_k or _DECODE_BLOCK_K.value
   q, kc, vc, lens = decode_inputs(batch, cache, new)
   kv_len = lens[0]
   n_k = cache // block_k

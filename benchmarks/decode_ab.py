@@ -41,7 +41,7 @@ _RANKED_LAUNCH = flags.DEFINE_list('ranked_launch', [], 'CHUNKxWARPS launch shap
 
 
 def bench(batch, cache, bases):
-  block_k = 64
+  block_k = attention._DECODE_BLOCK_K.value
   args, budget, method = attention.decode_case(batch, cache, block_k)
   q, kc = args[:2]
   others = attention.decode_select_methods()[1:]
@@ -54,7 +54,7 @@ def bench(batch, cache, bases):
     steps[f'new_ranked_c{chunk}w{warps}'] = attention.mosaic_decode_step(
         budget, 'ranked', block_k, select_options=dict(chunk=chunk, num_warps=warps))
   want = np.asarray(steps['new'](*args), np.float32)
-  row = dict(batch=batch, cache=cache, select=method, rel_err={})
+  row = dict(batch=batch, cache=cache, block_k=block_k, select=method, rel_err={})
   for name, step in steps.items():
     row['rel_err'][name] = attention.rel_err(step(*args), want)
   if jax.default_backend() == 'gpu':
@@ -87,7 +87,8 @@ def bench(batch, cache, bases):
 
 def markdown(rows, env):
   lines = [f"{env['device']}, jax {env['jax']}, {env['date']}; one decode step at 65% "
-           f"sparsity (selection `{rows[0]['select']}` inside), median of "
+           f"sparsity, blocks of {rows[0]['block_k']} keys (selection `{rows[0]['select']}` "
+           "inside), median of "
            f"{kernel_ab._ROUNDS.value} alternating batches (new_headmajor timed after "
            "them): ms per call and per step of a chain (speed-up over cuDNN's; time over "
            "new's; output rel. err against new's)", '',

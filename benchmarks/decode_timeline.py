@@ -102,7 +102,8 @@ def bench(batch, cache):
   chained = {name: attention.chained(step, chain) for name, step in steps.items()}
   wall = timing.time_alternating(chained, *args, rounds=attention._REPEATS.value,
                                  iters=attention._ITERS.value)
-  row = dict(batch=batch, cache=cache, select=method, chain=chain, paths={})
+  row = dict(batch=batch, cache=cache, block_k=attention._DECODE_BLOCK_K.value, select=method,
+             chain=chain, paths={})
   for name, fn in chained.items():
     row['paths'][name] = summarize(trace(fn, args, _TRACED.value), chain)
     row['paths'][name]['wall_us'] = 1e3 * wall[name] / chain
@@ -112,7 +113,8 @@ def bench(batch, cache):
 
 def markdown(rows, env):
   lines = [f"{env['device']}, jax {env['jax']}, {env['date']}: one decode step at 65% "
-           "sparsity (selection inside) and cuDNN's, each chained in one program; "
+           f"sparsity, blocks of {rows[0]['block_k']} keys (selection inside) and cuDNN's, "
+           "each chained in one program; "
            "kernel durations and gaps from JAX's profiler (CUPTI), medians over the "
            "traced calls, us a step", '',
            '| batch x cache | path | kernel | a step | us | gap before (us) |',

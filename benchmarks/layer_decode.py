@@ -47,7 +47,6 @@ _RULE = flags.DEFINE_string('layer_rule', '', 'the sparse layer\'s selection rul
                             '--layer_keep, e.g. threshold=0,coverage=0.5 (models.gate.parse_rule)')
 _TRACE = flags.DEFINE_integer('trace_kernels', 0, 'also trace one chained call of each '
                               'layer (JAX profiler, CUPTI) and report its N longest kernels')
-BLOCK_K = 64
 
 
 def layer(sparse, n_k, keep):
@@ -56,7 +55,8 @@ def layer(sparse, n_k, keep):
   hq, hkv, d = attention._HEADS.value, attention._KV_HEADS.value, attention._HEAD_DIM.value
   cfg = flash.get_config('tiny').model
   cfg.dtype = cfg.param_dtype = 'bfloat16'   # tiny computes in f32 (CPU tests)
-  cfg.sparse.update(enabled=sparse, decode=sparse, block_k=BLOCK_K, threshold=0.0,
+  cfg.sparse.update(enabled=sparse, decode=sparse, block_k=attention._DECODE_BLOCK_K.value,
+                    threshold=0.0,
                     top_k=attention.decode_budget(1 - keep, n_k) - 2, kernel='auto')
   if _RULE.value:
     cfg.sparse.update(dict(top_k=0, **gate.parse_rule(_RULE.value, '--layer_rule')))
@@ -71,7 +71,8 @@ def filled_cache(attn, batch, length):
   keys = iter(jax.random.split(jax.random.key(1), len(cache)))
   for name, x in cache.items():
     r = jax.random.normal(next(keys), x.shape, jnp.float32)
-    cache[name] = (r * BLOCK_K if name == 'gate_sum' else r).astype(x.dtype)
+    scale = attention._DECODE_BLOCK_K.value if name == 'gate_sum' else 1
+    cache[name] = (r * scale).astype(x.dtype)
   return cache
 
 
@@ -161,7 +162,7 @@ def time_steps(fns, inputs, rounds, iters):
 
 
 def bench(batch, length):
-  n_k, chain = length // BLOCK_K, attention._DECODE_CHAIN.value or 8
+  n_k, chain = length // attention._DECODE_BLOCK_K.value, attention._DECODE_CHAIN.value or 8
   start = jnp.full((batch,), length - chain, jnp.int32)
   fns, inputs = {}, {}
   for name in ('sparse', 'dense'):
@@ -175,7 +176,8 @@ def bench(batch, length):
     if name == 'sparse':
       selection = chain_selection(attn, x, batch, length, start, chain)
   ms = time_steps(fns, inputs, attention._REPEATS.value, attention._ITERS.value)
-  row = dict(batch=batch, cache=length, chain=chain, rule=_RULE.value or f'keep={_KEEP.value}',
+  row = dict(batch=batch, cache=length, block_k=attention._DECODE_BLOCK_K.value, chain=chain,
+             rule=_RULE.value or f'keep={_KEEP.value}',
              kept_blocks=selection['kept_mean'], same_selection=selection['same_rows'],
              most_blocks_differing=selection['most_blocks_differing'],
              gate_key_rel_err=selection['gate_key_rel_err'],
@@ -208,7 +210,7 @@ def markdown(rows, env):
            '| speed-up |', '| --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
     lines.append(f"| {r['batch']} x {r['cache']} | {r['rule']} | {r['kept_blocks']:.1f} of "
-                 f"{r['cache'] // BLOCK_K} | {r['same_selection']:.0%} | {r['ms']['sparse']:.4f} "
+                 f"{r['cache'] // r['block_k']} | {r['same_selection']:.0%} | {r['ms']['sparse']:.4f} "
                  f"| {r['ms']['dense']:.4f} | {r['speedup']:.2f}x |")
   for r in rows:
     for name, k in r.get('kernels', {}).items():

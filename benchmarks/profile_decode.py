@@ -45,7 +45,6 @@ from pallas_kernels.sparse_attention import decode  # noqa: E402
 
 _BATCH = flags.DEFINE_integer('batch', 8, 'sequences')
 _CACHE = flags.DEFINE_integer('cache', 32768, 'cached positions per sequence')
-_BLOCK_K = flags.DEFINE_integer('block_k', 64, 'key block of the tables')
 _SPARSITY = flags.DEFINE_float('sparsity', 0.65, 'share of key blocks skipped')
 _MOSAIC = flags.DEFINE_string('mosaic', '0x1', 'Mosaic decode SPLITSxSTAGES')
 PATHS = ('cudnn', 'tables', 'fused', 'mosaic', 'mosaic_step')
@@ -81,7 +80,7 @@ def run_profiled(paths):
 
 
 def main(_):
-  b, s, bk = _BATCH.value, _CACHE.value, _BLOCK_K.value
+  b, s, bk = _BATCH.value, _CACHE.value, attention._DECODE_BLOCK_K.value
   step_args, budget, method = attention.decode_case(b, s, bk, _SPARSITY.value)
   q, kc, vc, pooled, *lens = step_args
   kv_len, n_k = lens[0], s // bk

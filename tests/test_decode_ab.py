@@ -17,7 +17,7 @@ def test_smoke_against_a_copy_of_itself(tmp_path):
   shutil.copy(mosaic_gpu_decode.__file__, tmp_path / 'copy.py')
   with flagsaver.flagsaver(heads=8, kv_heads=2, head_dim=64, rounds=1, iters=1,
                            repeats=1, decode_chain=1, select_method=['top_k', 'ranked'],
-                           head_major=False, ranked_launch=['8x4']):
+                           head_major=False, ranked_launch=['8x4'], decode_block_k=64):
     bases = kernel_ab.load_bases([str(tmp_path / 'copy.py')], ('sparse_decode',),
                                  'mosaic_gpu_decode.py')
     row = decode_ab.bench(2, 256, bases)
@@ -25,6 +25,7 @@ def test_smoke_against_a_copy_of_itself(tmp_path):
   assert set(row['ms']) == set(row['chain_ms']) == {'new', 'copy', 'new_top_k',
                                                     'new_ranked_c8w4'}
   assert row['select'] == 'ranked'   # decode_select_methods: `ranked` first
+  assert row['block_k'] == 64 and 'blocks of 64 keys' in table
   assert row['rel_err']['copy'] == row['rel_err']['new_ranked_c8w4'] == 0.0
   assert row['rel_err']['new_top_k'] <= 1e-6
   assert row['ms_over_new']['new'] == 1.0

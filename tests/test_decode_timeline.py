@@ -32,10 +32,11 @@ def test_summary_of_two_calls():
   assert s['kernels']['merge'] == dict(per_step=1.0, us=2.0, gap_us=0.0)
   assert s['kernels']['select']['gap_us'] == 0.0   # the second step's, after a merge
   assert s['busy_us'] == 57.0 and s['span_us'] == 58.0
-  row = dict(batch=8, cache=64, paths={'ours': dict(s, wall_us=60.0)})
+  row = dict(batch=8, cache=64, block_k=64, paths={'ours': dict(s, wall_us=60.0)})
   table = decode_timeline.markdown([row], dict(device='cpu', jax='x', date='today'))
   assert '| 8 x 64 | ours | `decode` | 1 | 47.00 | 1.00 |' in table
   assert '57.0 / 58.0 / 60.0' in table
+  assert 'blocks of 64 keys' in table
 
 
 def test_calls_of_unequal_kernels_are_refused():
