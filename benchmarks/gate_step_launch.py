@@ -70,7 +70,7 @@ def kernel_us(batch, n_k, launch):
 def bench(batch, length):
   n_k = length // BLOCK_K
   row = dict(batch=batch, cache=length, blocks=n_k,
-             default=gate_step.launch(n_k),
+             default=gate_step.launch(batch * attention._KV_HEADS.value, n_k),
              us={launch: kernel_us(batch, n_k, launch) for launch in _LAUNCHES.value})
   print(row)
   return row

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.sparse_attention.gate_select import PROGRAMS
+
 
 def rotate(x1, x2, position, freq):
   """Rotary embedding of a vector split in halves x1, x2 (layers.rope's
@@ -101,14 +103,20 @@ def _kernel(q_offset_ref, kv_len_ref, freq_ref, q_ref, k_ref, wq_ref, wk_ref, ma
     logits_ref[g, :] = jnp.where(new_here, new, cached) * scale
 
 
-def launch(n_k: int) -> tuple[int, int]:
-  """decode_logits' default (chunk, num_warps): the largest power of two
-  dividing n_k, at most 128, and 8 warps. Each program's chain of reductions
-  (its group's projections, then its chunk's logits) sets the kernel's time,
-  not their number; on an H200 (gate_step_launch.py, the kernel alone, us):
-  batch 8 x 512 blocks x 4 kv heads, 128x8 6.6, 128x4 8.9, 32x4 10.1, 16x4
-  16.2; 1 x 512 x 4: 128x8 6.2, 16x4 7.2; 8 x 128 x 4: 128x8 7.5, 32x4 7.8."""
-  return min(128, n_k & -n_k), 8
+def launch(rows: int, n_k: int) -> tuple[int, int]:
+  """decode_logits' default (chunk, num_warps) for `rows` (batch x kv heads)
+  rows of n_k blocks: chunks of 64 (or the largest power of two dividing
+  n_k), doubled to at most 128 while they would make more than PROGRAMS
+  programs, and 8 warps. Each program's chain of reductions (its group's
+  projections, then its chunk's logits) sets the kernel's time more than the
+  count does. On an H200 (gate_step_launch.py, the kernel alone, us; 4 kv
+  heads): batch 8 x 512 blocks, 128x8 6.6, 64x8 7.1, 32x8 10.3; 1 x 512, 64x8
+  5.9, 128x8 6.2; 8 x 256, 64x8 6.0, 128x8 7.4; 1 x 256, 64x8 5.8, 128x8 7.0;
+  8 x 128, 64x8 6.0, 128x8 7.5."""
+  chunk = min(64, n_k & -n_k)
+  while chunk < min(128, n_k & -n_k) and rows * n_k // chunk > PROGRAMS:
+    chunk *= 2
+  return chunk, 8
 
 
 def check_shapes(q, k, max_stat, gate_key, q_proj_t, k_proj_t):
@@ -149,7 +157,7 @@ def decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, f
   check_shapes(q, k, stats[0], gate_key, q_proj_t, k_proj_t)
   b, hkv, group, d = q.shape
   n_k, gate_dim = gate_key.shape[2:]
-  auto_chunk, auto_warps = launch(n_k)
+  auto_chunk, auto_warps = launch(b * hkv, n_k)
   chunk, num_warps = chunk or auto_chunk, num_warps or auto_warps
   if chunk & (chunk - 1) or n_k % chunk:
     raise ValueError(f'decode_logits: {chunk=} must be a power of two dividing {n_k=}')

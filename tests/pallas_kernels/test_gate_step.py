@@ -164,3 +164,13 @@ def test_bad_shapes_name_the_problem():
     call(q[:, :, :3], k, stats, gate_key, q_proj_t[:, :3], k_proj_t)
   with pytest.raises(ValueError, match='chunk=16 must be a power of two dividing n_k=24'):
     call(q, k, stats, gate_key, q_proj_t, k_proj_t, chunk=16)
+
+
+@pytest.mark.parametrize('rows, n_k, chunk', [
+    (32, 512, 128),   # chunks of 64 would make 256 programs
+    (4, 512, 64), (32, 256, 64), (32, 128, 64),
+    (4, 24, 8),       # the largest power of two dividing n_k
+])
+def test_launch_picks_chunks_of_64_unless_too_many_programs(rows, n_k, chunk):
+  got, warps = gs.launch(rows, n_k)
+  assert (got, warps) == (chunk, 8) and n_k % got == 0
