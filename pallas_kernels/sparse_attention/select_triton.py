@@ -305,12 +305,13 @@ RANKED_PROGRAMS = 128
 
 def ranked_launch(rows: int, width: int) -> tuple[int, int]:
   """decode_ranked_tables' default (chunk, num_warps) for `rows` rows of
-  `width` blocks: chunks of a power of two in [16, 128] that make about
+  `width` blocks: chunks of a power of two in [32, 128] that make about
   RANKED_PROGRAMS programs. Chained whole steps on an H200 (docs/results.md):
   at batch 8 x 32k (32 rows of 512) chunks of 128 beat 64 by 8%; at 1 x 32k
-  (4 rows) 16 beat 128 by 10%; at 8 x 8k (32 rows of 128) 32 to 128 within 1%."""
+  (4 rows of 512) 16 and 32 beat 128 by 10%; with 128-key blocks (256 and 64
+  a row) 32 beat 16 by 3-4% at 1 x 32k and 8 x 8k."""
   chunk = pl.next_power_of_2(max(1, rows * width // RANKED_PROGRAMS))
-  chunk = min(128, max(16, chunk), width)
+  chunk = min(128, max(32, chunk), width)
   return chunk, 16 if chunk >= 64 else 8
 
 

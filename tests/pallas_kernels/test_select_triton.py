@@ -202,8 +202,9 @@ def test_ranked_decode_tables_keep_top_ks_blocks_best_first(new, n_k, budget, ch
 
 @pytest.mark.parametrize('rows, width, launch', [
     (32, 512, (128, 16)),   # batch 8 x 32k, 4 kv heads: 4 programs a row
-    (4, 512, (16, 8)),      # batch 1 x 32k: 32 programs a row
+    (4, 512, (32, 8)),      # batch 1 x 32k: 16 programs a row
     (32, 128, (32, 8)),     # batch 8 x 8k
+    (32, 64, (32, 8)),      # batch 8 x 8k in 128-key blocks: chunks of 16 would be slower
     (1, 8, (8, 8)),         # a row narrower than the smallest chunk
 ])
 def test_ranked_launch_aims_at_one_program_an_sm(rows, width, launch):
