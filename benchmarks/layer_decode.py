@@ -210,8 +210,8 @@ def markdown(rows, env):
            '| speed-up |', '| --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
     lines.append(f"| {r['batch']} x {r['cache']} | {r['rule']} | {r['kept_blocks']:.1f} of "
-                 f"{r['cache'] // r['block_k']} | {r['same_selection']:.0%} | {r['ms']['sparse']:.4f} "
-                 f"| {r['ms']['dense']:.4f} | {r['speedup']:.2f}x |")
+                 f"{r['cache'] // r['block_k']} | {r['same_selection']:.0%} "
+                 f"| {r['ms']['sparse']:.4f} | {r['ms']['dense']:.4f} | {r['speedup']:.2f}x |")
   for r in rows:
     for name, k in r.get('kernels', {}).items():
       longest = ', '.join(f'`{n}` {us:.1f}' for n, us in k['longest'].items())
