@@ -329,7 +329,7 @@ class BlockGate(nnx.Module):
     kept, visible = (cache[name].sum() for name in DECODE_COUNTS)
     _record(self, 'decode_kept_blocks', kept)
     _record(self, 'decode_visible_blocks', visible)
-    per_block = 4.0 * self.block_sizes.block_k * self.head_dim * self.group
+    per_block = sg.tile_flops(1, self.block_sizes.block_k, self.head_dim, self.group)
     _record(self, 'decode_flops_saved', (visible - kept) * per_block)
 
   def attend_decode(self, q_raw, k_raw, q, cache, mask):
@@ -448,19 +448,24 @@ def sparsity_metrics(stats):
   same for its sparse steps. Every LM layer has a gate, so row i is layer i.
   """
   out = {}
-  sparsity = lambda s, v: 1.0 - s / jnp.maximum(v, 1.0)
   if 'selected_tiles' in stats:
-    sel, vis = stats['selected_tiles'], stats['visible_tiles']
-    out = {'sparsity/overall': sparsity(sel.sum(), vis.sum()),
-           'attn_flops_saved': stats['flops_saved'].sum()}
-    for i in range(len(sel)):
-      out[f'sparsity/layer_{i}'] = sparsity(sel[i], vis[i])
+    out |= _kept_figures(stats['selected_tiles'], stats['visible_tiles'], stats['flops_saved'],
+                         overall='sparsity/overall', layer='sparsity/layer_',
+                         flops='attn_flops_saved')
   if 'gate_kl' in stats:
     out['gate/kl'] = stats['gate_kl'].mean()
   if 'decode_visible_blocks' in stats:
-    kept, seen = stats['decode_kept_blocks'], stats['decode_visible_blocks']
-    out['sparsity/decode'] = sparsity(kept.sum(), seen.sum())
-    out['decode_attn_flops_saved'] = stats['decode_flops_saved'].sum()
-    for i in range(len(kept)):
-      out[f'sparsity/decode_layer_{i}'] = sparsity(kept[i], seen[i])
+    out |= _kept_figures(stats['decode_kept_blocks'], stats['decode_visible_blocks'],
+                         stats['decode_flops_saved'], overall='sparsity/decode',
+                         layer='sparsity/decode_layer_', flops='decode_attn_flops_saved')
+  return out
+
+
+def _kept_figures(kept, visible, flops_saved, *, overall, layer, flops):
+  """Sparsity overall and per layer (row i of kept / visible) and the FLOPs
+  saved, under the given names."""
+  sparsity = lambda s, v: 1.0 - s / jnp.maximum(v, 1.0)
+  out = {overall: sparsity(kept.sum(), visible.sum()), flops: flops_saved.sum()}
+  for i in range(len(kept)):
+    out[f'{layer}{i}'] = sparsity(kept[i], visible[i])
   return out

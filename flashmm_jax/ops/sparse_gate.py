@@ -337,5 +337,11 @@ def tile_stats(selected, visible, *, block_sizes, head_dim, group):
   visible = jnp.broadcast_to(visible[:, None], selected.shape)
   kept = (selected & visible).sum(dtype=jnp.float32)
   total = visible.sum(dtype=jnp.float32)
-  per_tile = 4.0 * block_sizes.block_q * block_sizes.block_k * head_dim * group
+  per_tile = tile_flops(block_sizes.block_q, block_sizes.block_k, head_dim, group)
   return dict(selected_tiles=kept, visible_tiles=total, flops_saved=(total - kept) * per_tile)
+
+
+def tile_flops(block_q, block_k, head_dim, group):
+  """Forward attention FLOPs of one (query block x key block) tile of a kv
+  head: q.k and p.v, each 2 * block_q * block_k * head_dim, per query head."""
+  return 4.0 * block_q * block_k * head_dim * group
