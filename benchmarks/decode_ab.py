@@ -13,7 +13,9 @@ version's kernel at its defaults; `new_<method>`, this tree's kernel after each
 other decode method of --select_method; `new_ranked_cCHUNKwWARPS`, after the
 `ranked` selection at each --ranked_launch shape. `new_headmajor` runs this tree's step on the
 same cache laid out head-major (each kv head's blocks contiguous:
-attention.head_major_decode_args). Each step is timed per call and as
+attention.head_major_decode_args). `selecting_<stem>` runs each --selecting
+file's sparse_decode, a kernel that selects the blocks itself: it takes the
+pooled keys and the budget instead of the tables. Each step is timed per call and as
 --decode_chain steps chained in one program (attention.chained), per step.
 Reports ms, the ratio to cuDNN's, time over new's, and the output's relative
 error against new's.
@@ -38,9 +40,20 @@ _HEAD_MAJOR = flags.DEFINE_bool('head_major', True, 'also time new_headmajor')
 _RANKED_LAUNCH = flags.DEFINE_list('ranked_launch', [], 'CHUNKxWARPS launch shapes of the '
                                    '`ranked` selection: each also times this tree\'s kernel '
                                    'after it, as new_ranked_cCHUNKwWARPS')
+_SELECTING = flags.DEFINE_list('selecting', [], 'decode kernels that select their blocks '
+                               'themselves (files; each named by its stem): sparse_decode(q, '
+                               'k, v, pooled, kv_len, prefix_len, q_offset, *, '
+                               'budget, block_k)')
 
 
-def bench(batch, cache, bases):
+def selecting_step(module, budget, block_k):
+  """A step through a kernel that selects its blocks itself (--selecting)."""
+  interpret = jax.default_backend() == 'cpu'
+  return jax.jit(lambda q, k, v, pooled, *lens: module.sparse_decode(
+      q, k, v, pooled, *lens, budget=budget, block_k=block_k, interpret=interpret))
+
+
+def bench(batch, cache, bases, selecting=None):
   block_k = attention._DECODE_BLOCK_K.value
   args, budget, method = attention.decode_case(batch, cache, block_k)
   q, kc = args[:2]
@@ -53,6 +66,8 @@ def bench(batch, cache, bases):
     chunk, warps = map(int, spec.split('x'))
     steps[f'new_ranked_c{chunk}w{warps}'] = attention.mosaic_decode_step(
         budget, 'ranked', block_k, select_options=dict(chunk=chunk, num_warps=warps))
+  for name, module in selecting.items():
+    steps[f'selecting_{name}'] = selecting_step(module, budget, block_k)
   want = np.asarray(steps['new'](*args), np.float32)
   row = dict(batch=batch, cache=cache, block_k=block_k, select=method, rel_err={})
   for name, step in steps.items():
@@ -107,8 +122,10 @@ def markdown(rows, env):
 def main(_):
   bases = kernel_ab.load_bases(kernel_ab._BASE.value or [], ('sparse_decode',),
                                'mosaic_gpu_decode.py')
-  kernel_ab.report('decode_ab', lambda: [bench(*shape, bases)
-                                         for shape in attention.decode_shapes()], markdown)
+  selecting = kernel_ab.load_bases(_SELECTING.value, ('sparse_decode',), 'a selecting kernel')
+  kernel_ab.report('decode_ab', lambda: [bench(*shape, bases, selecting)
+                                         for shape in attention.decode_shapes()], markdown,
+                   selecting=_SELECTING.value)
 
 
 if __name__ == '__main__':

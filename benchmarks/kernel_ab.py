@@ -116,10 +116,10 @@ def markdown(rows, env, bases):
   return '\n'.join(lines) + '\n'
 
 
-def report(stem, bench_rows, table):
-  """attention.write_report of bench_rows() with --base in its env: the A/B
-  tools' common ending."""
-  attention.write_report(stem, bench_rows(), table, base=_BASE.value)
+def report(stem, bench_rows, table, **env):
+  """attention.write_report of bench_rows() with --base (and `env`) in its env:
+  the A/B tools' common ending."""
+  attention.write_report(stem, bench_rows(), table, base=_BASE.value, **env)
 
 
 def main(_):
