@@ -300,23 +300,21 @@ class BlockGate(nnx.Module):
             and pow2(self.head_dim) and pow2(self.q_proj[...].shape[-1] // 2))
 
   def _step_logits(self, q_raw, k_raw, cache, mask):
-    """step_tables' one kernel: (logits [B, Hkv, G', nK], cache), the group
-    padded to G' a power of two (its padding heads' logits are 0)."""
+    """step_tables' one kernel: (logits [B, Hkv, G', nK], cache), G' the group
+    rounded up to a power of two (the padding heads' logits are 0)."""
     b, _, _, d = q_raw.shape
     hkv, group = self.num_kv_heads, self.group
-    pad = [(0, 0)] * 4
-    pad[2] = (0, (1 << (group - 1).bit_length()) - group)
-    q = jnp.pad(q_raw.reshape(b, hkv, group, d), pad)
     g_dim = self.q_proj[...].shape[-1]
     # The kernel's layout of the projections (gate_step._project): a transpose
-    # of the params, which XLA hoisted out of generate's while_loop (H200, the
-    # small model); the pad of a group of 3 to 4 it did not (a small kernel a
-    # step: the kernel could read each head's rows of an unpadded group).
+    # of the params, which XLA hoists out of generate's while_loop (H200, the
+    # small model). The kernel reads a group of 3 as it is; padding it to 4
+    # here cost no more, since the step materialises its q for the kernel
+    # either way (a pad fusion then, a slice now; docs/results.md).
     q_proj_t = jnp.swapaxes(self.q_proj[...].reshape(hkv, group, d, g_dim), 2, 3)
     k_proj_t = jnp.swapaxes(self.k_proj[...], 1, 2)
     logits, stats, gate_key = ops.sparse_attention.gate_step_logits(
-        q, k_raw[:, 0], tuple(cache[name] for name in sg.KEY_STATS), cache[GATE_KEY],
-        jnp.pad(q_proj_t, pad[1:] + [(0, 0)]), k_proj_t, mask,
+        q_raw.reshape(b, hkv, group, d), k_raw[:, 0], tuple(cache[name] for name in sg.KEY_STATS),
+        cache[GATE_KEY], q_proj_t, k_proj_t, mask,
         layers.rope_frequencies(g_dim, self.rope_base), block_k=self.block_sizes.block_k)
     return logits, dict(cache, **dict(zip(sg.KEY_STATS, stats)), **{GATE_KEY: gate_key})
 

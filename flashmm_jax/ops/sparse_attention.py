@@ -265,8 +265,9 @@ def gate_step_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, mask, freq, *, b
   [B, Hkv, nK, gate_dim]), its query q [B, Hkv, G, D] projected (the
   projections transposed: q_proj_t [Hkv, G, gate_dim, D], k_proj_t [Hkv,
   gate_dim, 3D]), rotated (freq: the rotary inverse frequencies) and scored
-  against every gate key. Returns (logits f32 [B, Hkv, G, nK], stats,
-  gate_key)."""
+  against every gate key. Returns (logits f32 [B, Hkv, G', nK], stats,
+  gate_key): G' is G rounded up to a power of two, the padding heads' logits
+  0 (gate_decode_tables' group argument masks them)."""
   from pallas_kernels.sparse_attention import gate_step  # pylint: disable=g-import-not-at-top
 
   def step(q, k, stats, gate_key, q_proj_t, k_proj_t, mask, freq):

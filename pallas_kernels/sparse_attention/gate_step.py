@@ -53,8 +53,9 @@ def _project(x, weight, half):
 def _kernel(q_offset_ref, kv_len_ref, freq_ref, q_ref, k_ref, wq_ref, wk_ref, max_ref, min_ref,
             sum_ref, key_ref, logits_ref, max_out, min_out, sum_out, key_out, *, n_k, block_k,
             chunk):
-  """Program (b, h, c): logits [G, chunk] of chunk c's key blocks, and (if it
-  holds the new token's block) that block's statistics and gate key."""
+  """Program (b, h, c): logits [G', chunk] of chunk c's key blocks (rows past
+  the group's G zero), and (if it holds the new token's block) that block's
+  statistics and gate key."""
   group, d = q_ref.shape
   half = key_ref.shape[-1] // 2
   q_offset, kv_len, freq = q_offset_ref[...], kv_len_ref[...], freq_ref[...]
@@ -101,6 +102,8 @@ def _kernel(q_offset_ref, kv_len_ref, freq_ref, q_ref, k_ref, wq_ref, wk_ref, ma
     cached = jnp.sum(key1 * q1[None, :], axis=1) + jnp.sum(key2 * q2[None, :], axis=1)
     new = jnp.sum(new1 * q1) + jnp.sum(new2 * q2)
     logits_ref[g, :] = jnp.where(new_here, new, cached) * scale
+  for g in range(group, logits_ref.shape[0]):
+    logits_ref[g, :] = jnp.zeros((chunk,), jnp.float32)
 
 
 def launch(rows: int, n_k: int) -> tuple[int, int]:
@@ -131,10 +134,9 @@ def check_shapes(q, k, max_stat, gate_key, q_proj_t, k_proj_t):
     if tuple(got[name]) != shape:
       raise ValueError(f'decode_logits: {name} has shape {got[name]}, want {shape} '
                        f'(q {q.shape}, gate_key {gate_key.shape})')
-  for name, n in (('head_dim', d), ('gate_dim / 2', half), ('group', group)):
+  for name, n in (('head_dim', d), ('gate_dim / 2', half)):
     if n & (n - 1):
-      raise ValueError(f'decode_logits: {name} {n} must be a power of two (Triton blocks; '
-                       'pad the group)')
+      raise ValueError(f'decode_logits: {name} {n} must be a power of two (Triton blocks)')
 
 
 @functools.partial(jax.jit, static_argnames=('block_k', 'chunk', 'num_warps', 'interpret'))
@@ -151,8 +153,11 @@ def decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, f
   transposed (_project; the same at every step of a decode loop); freq
   [gate_dim / 2] the rotary inverse frequencies. Returns (logits f32 [B, Hkv,
   G, nK], stats, gate_key): the statistics and gate key of the token's block
-  updated in place. D, G and gate_dim / 2 are powers of two. chunk /
-  num_warps None: launch's.
+  updated in place. D and gate_dim / 2 are powers of two; G is any: the
+  kernel reads q and q_proj_t one head at a time, and writes the logits of
+  G', G rounded up to a power of two (the rows past G zero: gate_select's
+  block, whose padding heads count for nothing), so a group of 3 needs no pad
+  kernel a step. chunk / num_warps None: launch's.
   """
   check_shapes(q, k, stats[0], gate_key, q_proj_t, k_proj_t)
   b, hkv, group, d = q.shape
@@ -161,6 +166,7 @@ def decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, f
   chunk, num_warps = chunk or auto_chunk, num_warps or auto_warps
   if chunk & (chunk - 1) or n_k % chunk:
     raise ValueError(f'decode_logits: {chunk=} must be a power of two dividing {n_k=}')
+  heads = pl.next_power_of_2(group)
   row = pl.BlockSpec((None,), lambda bi, h, c: (bi,))
   stat = pl.BlockSpec((None, n_k, None, d), lambda bi, h, c: (bi, 0, h, 0))
   key = pl.BlockSpec((None, None, n_k, gate_dim), lambda bi, h, c: (bi, h, 0, 0))
@@ -173,9 +179,9 @@ def decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, f
                 pl.BlockSpec((None, group, gate_dim, d), lambda bi, h, c: (h, 0, 0, 0)),
                 pl.BlockSpec((None, gate_dim, 3 * d), lambda bi, h, c: (h, 0, 0)),
                 stat, stat, stat, key],
-      out_specs=[pl.BlockSpec((None, None, group, chunk), lambda bi, h, c: (bi, h, 0, c)),
+      out_specs=[pl.BlockSpec((None, None, heads, chunk), lambda bi, h, c: (bi, h, 0, c)),
                  stat, stat, stat, key],
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, group, n_k), jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, heads, n_k), jnp.float32),
                  *(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in stats),
                  jax.ShapeDtypeStruct(gate_key.shape, jnp.float32)],
       input_output_aliases={7: 1, 8: 2, 9: 3, 10: 4},
@@ -188,7 +194,8 @@ def decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, f
 
 def decode_logits_reference(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, freq,
                             *, block_k):
-  """decode_logits in plain jnp, as the model's XLA path computes it."""
+  """decode_logits in plain jnp, as the model's XLA path computes it (logits
+  [B, Hkv, G, nK]: the group's heads only)."""
   b, _, _, d = q.shape
   n_k, half = gate_key.shape[2], gate_key.shape[3] // 2
   rows = jnp.arange(b)

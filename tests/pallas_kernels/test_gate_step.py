@@ -50,12 +50,16 @@ def _assert_close(got, want):
     (dict(group=1, n_k=16), 16),                # group 1, one program a row
     (dict(group=8, d=16, n_k=20, g_dim=32), 4), # group 8, 5 programs a row
     (dict(group=2, n_k=24), None),              # launch's chunk
+    (dict(group=3), 8),                         # group 3: logits of 4 heads, the last 0
 ])
 def test_kernel_equals_its_reference(shape, chunk):
   args = _case(3, **shape)
   got = gs.decode_logits(*args, block_k=BLOCK_K, chunk=chunk, interpret=True)
   want = gs.decode_logits_reference(*args, block_k=BLOCK_K)
-  _assert_close(got, want)
+  group = args[0].shape[2]
+  assert got[0].shape[2] == 1 << (group - 1).bit_length()
+  np.testing.assert_array_equal(got[0][:, :, group:], 0.0)
+  _assert_close((got[0][:, :, :group], *got[1:]), want)
   stats, gate_key = args[2], args[3]
   # Row 2 (padding) changes nothing; rows 0 and 1 their block's entries only.
   for new, old in zip(got[1] + (got[2],), stats + (gate_key,)):
@@ -120,7 +124,7 @@ def test_reference_is_the_models_xla_path():
   np.testing.assert_allclose(gate_key, want_cache[gate.GATE_KEY], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('hq', [8, 6])   # groups of 4 and 3 (padded to 4)
+@pytest.mark.parametrize('hq', [8, 6])   # groups of 4 and 3 (logits of 4 heads)
 def test_the_gates_step_takes_both_kernels_where_its_decode_kernel_is_triton(hq):
   """BlockGate.step_tables: 'triton' on a CPU host runs gate_step and
   gate_select (interpreted), 'reference' fold_keys and the XLA selection; the
@@ -160,8 +164,9 @@ def test_bad_shapes_name_the_problem():
                                               **kw)
   with pytest.raises(ValueError, match=r'k_proj_t has shape \(2, 16, 32\), want \(2, 16, 96\)'):
     call(q, k, stats, gate_key, q_proj_t, k_proj_t[..., :32])
-  with pytest.raises(ValueError, match='group 3 must be a power of two'):
-    call(q[:, :, :3], k, stats, gate_key, q_proj_t[:, :3], k_proj_t)
+  with pytest.raises(ValueError, match='head_dim 24 must be a power of two'):
+    call(q[..., :24], k[..., :24], tuple(x[..., :24] for x in stats), gate_key,
+         q_proj_t[..., :24], k_proj_t[..., :72])
   with pytest.raises(ValueError, match='chunk=16 must be a power of two dividing n_k=24'):
     call(q, k, stats, gate_key, q_proj_t, k_proj_t, chunk=16)
 

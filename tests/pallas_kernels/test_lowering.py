@@ -127,6 +127,12 @@ CASES = {
         (_aval((B, 16, HKV, D), jnp.float32),) * 3, _aval((B, HKV, 16, 64), jnp.float32),
         _aval((HKV, HQ // HKV, 64, D)), _aval((HKV, 64, 3 * D)), _aval((B,), I32),
         _aval((B,), I32), _aval((32,), jnp.float32)), 'triton'),
+    # A group of 3 (the `small` model's GQA), read one head at a time.
+    'gate_decode_logits_group3': (functools.partial(gate_step.decode_logits, block_k=64), (
+        _aval((B, HKV, 3, D)), _aval((B, HKV, D)),
+        (_aval((B, 16, HKV, D), jnp.float32),) * 3, _aval((B, HKV, 16, 64), jnp.float32),
+        _aval((HKV, 3, 64, D)), _aval((HKV, 64, 3 * D)), _aval((B,), I32),
+        _aval((B,), I32), _aval((32,), jnp.float32)), 'triton'),
 }
 
 
