@@ -43,7 +43,7 @@ _RANKED_LAUNCH = flags.DEFINE_list('ranked_launch', [], 'CHUNKxWARPS launch shap
 _SELECTING = flags.DEFINE_list('selecting', [], 'decode kernels that select their blocks '
                                'themselves (files; each named by its stem): sparse_decode(q, '
                                'k, v, pooled, kv_len, prefix_len, q_offset, *, '
-                               'budget, block_k)')
+                               'budget, block_k, interpret)')
 
 
 def selecting_step(module, budget, block_k):
@@ -66,7 +66,7 @@ def bench(batch, cache, bases, selecting=None):
     chunk, warps = map(int, spec.split('x'))
     steps[f'new_ranked_c{chunk}w{warps}'] = attention.mosaic_decode_step(
         budget, 'ranked', block_k, select_options=dict(chunk=chunk, num_warps=warps))
-  for name, module in selecting.items():
+  for name, module in (selecting or {}).items():
     steps[f'selecting_{name}'] = selecting_step(module, budget, block_k)
   want = np.asarray(steps['new'](*args), np.float32)
   row = dict(batch=batch, cache=cache, block_k=block_k, select=method, rel_err={})

@@ -152,12 +152,12 @@ def decode_logits(q, k, stats, gate_key, q_proj_t, k_proj_t, q_offset, kv_len, f
   gate_dim, D] and k_proj_t [Hkv, gate_dim, 3D] the gate's projections,
   transposed (_project; the same at every step of a decode loop); freq
   [gate_dim / 2] the rotary inverse frequencies. Returns (logits f32 [B, Hkv,
-  G, nK], stats, gate_key): the statistics and gate key of the token's block
-  updated in place. D and gate_dim / 2 are powers of two; G is any: the
-  kernel reads q and q_proj_t one head at a time, and writes the logits of
-  G', G rounded up to a power of two (the rows past G zero: gate_select's
-  block, whose padding heads count for nothing), so a group of 3 needs no pad
-  kernel a step. chunk / num_warps None: launch's.
+  G', nK], stats, gate_key): the statistics and gate key of the token's block
+  updated in place. D and gate_dim / 2 are powers of two; G is any (a group
+  of 3 as it is): the kernel reads q and q_proj_t one head at a time, and
+  writes the logits of G', G rounded up to a power of two (the rows past G
+  zero: gate_select's block, whose padding heads count for nothing). chunk /
+  num_warps None: launch's.
   """
   check_shapes(q, k, stats[0], gate_key, q_proj_t, k_proj_t)
   b, hkv, group, d = q.shape
