@@ -18,7 +18,9 @@ QK^T is done, V's once its PV is. The warp-specialized kernel this replaced
 (a TMA warpgroup feeding two wgmma warpgroups through a 6-slot ring, 216 KB,
 one CTA an SM, 128 CTAs) took 3-5% longer a chained step at batch 8 x 32k,
 5-10% at 1 x 32k and 8 x 8k; its SMs were active 77-83% of its time, this
-kernel's 89% (H200, docs/results.md).
+kernel's 89% (H200, docs/results.md). Over a 65% step's blocks it is within 4%
+of a kernel that only loads them, and over every block it streams at cuDNN's
+rate (benchmarks/stream_bound.py): what is left is each kernel's start and tail.
 
 q is read where it lies: the tile's first W rows are an 8-row-aligned window
 of q's heads holding the group's G (_q_windows), the rows below are never
