@@ -180,7 +180,7 @@ def _paths(args, budget, method, block_k):
     for kind, specs in (('decode', _DECODES.value), ('stream', _STREAMS.value)):
       for spec in specs:
         stages, ctas = map(int, spec.split('x'))
-        splits = 1 << max(0, min(ctas // lcount.size, lids.shape[-1]).bit_length() - 1)
+        splits = mosaic_gpu_decode.default_splits(lcount.size, lids.shape[-1], ctas)
         if kind == 'decode':
           fn = functools.partial(mosaic_gpu_decode.sparse_decode, block_k=block_k,
                                  num_splits=splits, num_stages=stages, interpret=interpret)
@@ -229,8 +229,7 @@ def bench(batch, cache, sparsity=0.65):
         for _, duration, kernel in call:
           kernels[name].setdefault(kernel, []).append(duration / 1e3)
   row = dict(batch=batch, cache=cache, sparsity=sparsity, block_k=block_k, budget=budget,
-             select=method,
-             errors=errors, paths={})
+             select=method, errors=errors, paths={})
   for name, (_, _, nbytes) in paths.items():
     us = {k: statistics.median(d) for k, d in kernels[name].items()}
     longest = max(us.values()) if us else float('nan')

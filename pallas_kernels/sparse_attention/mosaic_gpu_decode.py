@@ -151,10 +151,10 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, count_ref, kv_len_ref, prefix_ref, off
   plgpu.wait_smem_to_gmem(0)
 
 
-def default_splits(rows, width):
-  """Slices a list is cut into: about CTAS CTAs in all, at most `width` (the
+def default_splits(rows, width, ctas=CTAS):
+  """Slices a list is cut into: about `ctas` CTAs in all, at most `width` (the
   list's), a power of two (so decode.merge_windows takes the partials)."""
-  return 1 << max(0, min(CTAS // rows, width).bit_length() - 1)
+  return 1 << max(0, min(ctas // rows, width).bit_length() - 1)
 
 
 def _q_windows(q, hkv):

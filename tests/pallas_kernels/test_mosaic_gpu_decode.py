@@ -89,6 +89,12 @@ def test_default_splits_are_powers_of_two(rows, width, want):
   assert mosaic_gpu_decode.default_splits(rows, width) == want
 
 
+def test_default_splits_for_another_cta_count():
+  # 128 or 512 CTAs over 32 rows; 512 over a list of 3
+  assert [mosaic_gpu_decode.default_splits(32, w, c) for w, c in
+          ((180, 128), (180, 512), (3, 512))] == [4, 16, 2]
+
+
 def test_default_stages_fit():
   for bk, d in [(64, 128), (128, 128), (64, 64), (128, 64)]:
     mosaic_gpu_decode.check_config(bk, d, mosaic_gpu_decode.STAGES)
