@@ -10,9 +10,12 @@ is what this answers. `stream` is the decode kernel's CTA and loads without
 the arithmetic: CTA (split, kv head, batch) takes the same slice of its row's
 list (mosaic_gpu_decode._slice_of), TMA-loads each listed block's K and V into
 shared memory, `stages` blocks ahead, and waits for them; it writes out its
-slice's last V block (so a test can check what it read). The stream kernels
-(--streams) and the decode kernel (--decodes), each as STAGESxCTAS, run over
-four lists of one case (attention.decode_case) per --sparsities value:
+slice's last V block (so a test can check what it read). With a trailing `p`
+(--streams 1x256p) each CTA first loads its row's pooled keys and waits for
+them, as a kernel that selects its own blocks must before its first block:
+the least such a kernel adds. The stream kernels (--streams) and the decode
+kernel (--decodes), each as STAGESxCTAS, run over four lists of one case
+(attention.decode_case) per --sparsities value:
 
   ranked      the step's own selection (rank order, as the kernel gets it)
   sorted      the same blocks in ascending order
@@ -52,7 +55,8 @@ from pallas_kernels.sparse_attention import mosaic_gpu_decode  # noqa: E402
 from pallas_kernels.sparse_attention.mosaic_gpu_backward import _transforms  # noqa: E402
 
 _STREAMS = flags.DEFINE_list('streams', ['1x256', '2x256', '1x512'],
-                             'stream kernels as STAGESxCTAS (CTAs: about that many a call)')
+                             'stream kernels as STAGESxCTAS (CTAs: about that many a call), '
+                             'a trailing p: each CTA loads its row\'s pooled keys first')
 _DECODES = flags.DEFINE_list('decodes', ['1x256'], 'the decode kernel as STAGESxCTAS '
                              '(its defaults: 1x256)')
 _LISTS = flags.DEFINE_list('lists', ['ranked', 'sorted', 'contiguous', 'all'],
@@ -65,14 +69,31 @@ class _Static:
   stages: int
   splits: int
   width: int
+  prologue: bool
 
 
-def _kernel(k_ref, v_ref, ids_ref, count_ref, out_ref, k_smem, v_smem, k_bar, v_bar, *,
-            st: _Static):
+def _load_pooled(pooled_ref, k_smem, v_smem, k_bar, v_bar, b, h, block_k):
+  """The row's pooled keys into the first K and V slots, waited for: what a
+  kernel that selects its own blocks reads before its first block."""
+  n_k = pooled_ref.shape[1]
+  halves = ((0, min(n_k, block_k), k_smem, k_bar), (block_k, n_k - block_k, v_smem, v_bar))
+  for first, rows, smem, bar in halves:
+    if rows > 0:
+      plgpu.copy_gmem_to_smem(pooled_ref.at[b, pl.ds(first, rows), h],
+                              smem.at[0, pl.ds(0, rows)], bar.at[0])
+  for _, rows, _, bar in halves:
+    if rows > 0:
+      plgpu.barrier_wait(bar.at[0])
+
+
+def _kernel(k_ref, v_ref, pooled_ref, ids_ref, count_ref, out_ref, k_smem, v_smem, k_bar,
+            v_bar, *, st: _Static):
   b, h, split = (lax.axis_index(a) for a in ('batch', 'head', 'split'))
   r = b * k_ref.shape[2] + h
   lo, n = mosaic_gpu_decode._slice_of(count_ref[r], split, st.splits)
   row = r * st.width
+  if st.prologue:
+    _load_pooled(pooled_ref, k_smem, v_smem, k_bar, v_bar, b, h, st.block_k)
 
   def fetch(j, slot):
     @pl.when(j < n)
@@ -100,23 +121,30 @@ def _kernel(k_ref, v_ref, ids_ref, count_ref, out_ref, k_smem, v_smem, k_bar, v_
 
 
 @functools.partial(jax.jit, static_argnames=('block_k', 'stages', 'splits', 'interpret'))
-def stream(k_cache, v_cache, kv_ids, kv_count, *, block_k, stages=1, splits=0,
+def stream(k_cache, v_cache, kv_ids, kv_count, pooled=None, *, block_k, stages=1, splits=0,
            interpret=False):
   """Loads the listed blocks as mosaic_gpu_decode.sparse_decode does and
   computes nothing: [B, Hkv, splits, block_k, D], each CTA's last V block
   (undefined where its slice is empty). k_cache, v_cache [B, S, Hkv, D];
   kv_ids [B, Hkv, width], kv_count [B, Hkv]; splits 0: the decode kernel's
-  default_splits."""
+  default_splits. pooled [B, S / block_k, Hkv, D] (at most 2 x block_k blocks):
+  each CTA first loads its row's and waits, as a kernel selecting its own
+  blocks from them would (none of its arithmetic)."""
   b, s, hkv, d = k_cache.shape
   if kv_ids.shape[:2] != (b, hkv) or kv_count.shape != (b, hkv) or s % block_k:
     raise ValueError(f'stream: kv_ids {kv_ids.shape} / kv_count {kv_count.shape} must lead '
                      f'with (B, Hkv)={(b, hkv)} and the cache length {s} be a multiple '
                      f'of {block_k=}')
+  if pooled is not None and (pooled.shape != (b, s // block_k, hkv, d)
+                             or s // block_k > 2 * block_k):
+    raise ValueError(f'stream: pooled {pooled.shape} must be {(b, s // block_k, hkv, d)} '
+                     f'with at most 2 x {block_k=} blocks')
   if (smem := 2 * stages * block_k * d * k_cache.dtype.itemsize) > mosaic_gpu_decode.SMEM_BYTES:
     raise ValueError(f'stream: stages={stages} of K and V blocks take {smem} bytes of shared '
                      f'memory; there are {mosaic_gpu_decode.SMEM_BYTES}')
   splits = splits or mosaic_gpu_decode.default_splits(b * hkv, kv_ids.shape[-1])
-  st = _Static(block_k=block_k, stages=stages, splits=splits, width=kv_ids.shape[-1])
+  st = _Static(block_k=block_k, stages=stages, splits=splits, width=kv_ids.shape[-1],
+               prologue=pooled is not None)
   ring = lambda: plgpu.SMEM((stages, block_k, d), k_cache.dtype,
                             transforms=_transforms(k_cache.dtype))
   return plgpu.kernel(
@@ -126,7 +154,8 @@ def stream(k_cache, v_cache, kv_ids, kv_count, *, block_k, stages=1, splits=0,
                      plgpu.Barrier(num_barriers=stages)),
       grid=(splits, hkv, b), grid_names=('split', 'head', 'batch'),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(k_cache, v_cache, kv_ids.astype(jnp.int32).reshape(-1),
+  )(k_cache, v_cache, k_cache if pooled is None else pooled,   # unread without a prologue
+    kv_ids.astype(jnp.int32).reshape(-1),
     kv_count.astype(jnp.int32).reshape(-1))
 
 
@@ -179,7 +208,7 @@ def _paths(args, budget, method, block_k):
     nbytes = int(np.asarray(lcount).sum()) * block_bytes
     for kind, specs in (('decode', _DECODES.value), ('stream', _STREAMS.value)):
       for spec in specs:
-        stages, ctas = map(int, spec.split('x'))
+        stages, ctas = map(int, spec.removesuffix('p').split('x'))
         splits = mosaic_gpu_decode.default_splits(lcount.size, lids.shape[-1], ctas)
         if kind == 'decode':
           fn = functools.partial(mosaic_gpu_decode.sparse_decode, block_k=block_k,
@@ -188,7 +217,7 @@ def _paths(args, budget, method, block_k):
         else:
           fn = functools.partial(stream, block_k=block_k, stages=stages, splits=splits,
                                  interpret=interpret)
-          fn_args = (kc, vc, lids, lcount)
+          fn_args = (kc, vc, lids, lcount) + ((pooled,) if spec.endswith('p') else ())
         paths[f'{kind}_{spec}_{name}'] = (jax.jit(fn), fn_args, nbytes)
   return paths
 
@@ -201,7 +230,7 @@ def check(paths, block_k):
   for name, (fn, fn_args, _) in paths.items():
     if name.startswith('stream_'):
       got = np.asarray(fn(*fn_args), np.float32)
-      want = stream_reference(*fn_args, block_k=block_k, splits=got.shape[2])
+      want = stream_reference(*fn_args[:4], block_k=block_k, splits=got.shape[2])
       count = np.asarray(fn_args[3])[..., None]
       split = np.arange(got.shape[2])
       filled = (split + 1) * count // got.shape[2] > split * count // got.shape[2]

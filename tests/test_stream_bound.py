@@ -24,14 +24,32 @@ def test_stream_reads_each_slices_blocks(stages, splits, counts):
   ids = jax.vmap(jax.vmap(lambda k: jax.random.permutation(k, s // block_k)))(
       jax.random.split(keys[2], b * hkv).reshape(b, hkv, 2))
   count = jnp.asarray(counts, jnp.int32)
-  got = np.asarray(stream_bound.stream(kc, vc, ids, count, block_k=block_k, stages=stages,
-                                       splits=splits, interpret=True), np.float32)
   want = stream_bound.stream_reference(kc, vc, ids, count, block_k=block_k, splits=splits)
-  for i in range(b):
-    for h in range(hkv):
-      for split in range(splits):
-        if (split + 1) * counts[i][h] // splits > split * counts[i][h] // splits:
-          np.testing.assert_array_equal(got[i, h, split], want[i, h, split])
+  # without and with the pooled keys' load first (8 blocks: half a slot)
+  pooled = kc.reshape(b, s // block_k, block_k, hkv, d).max(axis=2)
+  for extra in ((), (pooled,)):
+    got = np.asarray(stream_bound.stream(kc, vc, ids, count, *extra, block_k=block_k,
+                                         stages=stages, splits=splits, interpret=True),
+                     np.float32)
+    for i in range(b):
+      for h in range(hkv):
+        for split in range(splits):
+          if (split + 1) * counts[i][h] // splits > split * counts[i][h] // splits:
+            np.testing.assert_array_equal(got[i, h, split], want[i, h, split])
+
+
+def test_pooled_keys_over_two_slots():
+  """24 blocks of 16 keys: the pooled keys fill the K slot and half the V slot."""
+  b, hkv, s, d, block_k = 1, 2, 384, 64, 16
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  kc = jax.random.normal(keys[0], (b, s, hkv, d), jnp.bfloat16)
+  ids = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32)[::-1], (b, hkv, 24))
+  count = jnp.asarray([[24, 9]], jnp.int32)
+  pooled = kc.reshape(b, s // block_k, block_k, hkv, d).max(axis=2)
+  got = stream_bound.stream(kc, kc, ids, count, pooled, block_k=block_k, splits=2,
+                            interpret=True)
+  want = stream_bound.stream_reference(kc, kc, ids, count, block_k=block_k, splits=2)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
 
 def test_block_lists_hold_the_same_blocks():
@@ -51,6 +69,10 @@ def test_bad_shapes_are_named():
   with pytest.raises(ValueError, match='multiple of block_k=64'):
     stream_bound.stream(kc, kc, jnp.zeros((1, 2, 4), jnp.int32), jnp.ones((1, 2), jnp.int32),
                         block_k=64, interpret=True)
+  with pytest.raises(ValueError, match='with at most 2 x block_k=64 blocks'):
+    stream_bound.stream(kc[:, :256], kc[:, :256], jnp.zeros((1, 2, 4), jnp.int32),
+                        jnp.ones((1, 2), jnp.int32), jnp.zeros((1, 3, 2, 64), jnp.bfloat16),
+                        block_k=64, interpret=True)
   with pytest.raises(ValueError, match='stages=8 of K and V blocks'):
     stream_bound.stream(kc[:, :256], kc[:, :256], jnp.zeros((1, 2, 2), jnp.int32),
                         jnp.ones((1, 2), jnp.int32), block_k=128, stages=8, interpret=True)
@@ -61,12 +83,12 @@ def test_smoke_run_checks_every_path():
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(heads=8, kv_heads=2, head_dim=64, repeats=1, traced=1,
-                           streams=['1x8', '2x4'], decodes=['1x8'], decode_block_k=64,
+                           streams=['1x8', '2x4p'], decodes=['1x8'], decode_block_k=64,
                            select_method=['ranked']):
     row = stream_bound.bench(2, 512, 0.5)
-  assert set(row['errors']) == {f'stream_{s}_{n}' for s in ('1x8', '2x4') for n in
+  assert set(row['errors']) == {f'stream_{s}_{n}' for s in ('1x8', '2x4p') for n in
                                 ('ranked', 'sorted', 'contiguous', 'all')} | {'decode_1x8_sorted'}
   assert row['budget'] == 4 and row['paths']['decode_1x8_ranked']['bytes'] == 2 * 2 * 4 * 16384
   assert row['paths']['stream_1x8_all']['bytes'] == 2 * 2 * 8 * 2 * 64 * 64 * 2
   table = stream_bound.markdown([row], dict(device='cpu', jax='x', date='today'))
-  assert '| 2 x 512 | 0.5 | stream_2x4_sorted |' in table
+  assert '| 2 x 512 | 0.5 | stream_2x4p_sorted |' in table
