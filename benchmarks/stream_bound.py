@@ -159,21 +159,24 @@ def stream(k_cache, v_cache, kv_ids, kv_count, pooled=None, *, block_k, stages=1
     kv_count.astype(jnp.int32).reshape(-1))
 
 
+def filled_slices(kv_count, splits):
+  """bool [B, Hkv, splits]: the slices (mosaic_gpu_decode._slice_of's) that
+  hold at least one entry of their row's list."""
+  count, split = np.asarray(kv_count)[..., None], np.arange(splits)
+  return (split + 1) * count // splits > split * count // splits
+
+
 def stream_reference(k_cache, v_cache, kv_ids, kv_count, *, block_k, splits):
-  """What stream returns where a slice is not empty: each slice's last V block."""
+  """What stream returns in the filled slices: each slice's last V block
+  (zeros in the others)."""
   del k_cache
   b, _, hkv, d = v_cache.shape
   out = np.zeros((b, hkv, splits, block_k, d), np.float32)
   ids, count = np.asarray(kv_ids), np.asarray(kv_count)
   v = np.asarray(v_cache, np.float32)
-  for i in range(b):
-    for h in range(hkv):
-      for split in range(splits):
-        lo = split * count[i, h] // splits
-        hi = (split + 1) * count[i, h] // splits
-        if hi > lo:
-          kb = ids[i, h, hi - 1]
-          out[i, h, split] = v[i, kb * block_k:(kb + 1) * block_k, h]
+  for i, h, split in zip(*np.nonzero(filled_slices(count, splits))):
+    kb = ids[i, h, (split + 1) * count[i, h] // splits - 1]
+    out[i, h, split] = v[i, kb * block_k:(kb + 1) * block_k, h]
   return out
 
 
@@ -231,9 +234,7 @@ def check(paths, block_k):
     if name.startswith('stream_'):
       got = np.asarray(fn(*fn_args), np.float32)
       want = stream_reference(*fn_args[:4], block_k=block_k, splits=got.shape[2])
-      count = np.asarray(fn_args[3])[..., None]
-      split = np.arange(got.shape[2])
-      filled = (split + 1) * count // got.shape[2] > split * count // got.shape[2]
+      filled = filled_slices(fn_args[3], got.shape[2])
       errors[name] = float(np.abs(got - want)[filled].max())
     elif name.startswith('decode_') and name.endswith('_sorted'):
       ranked = name.removesuffix('_sorted') + '_ranked'

@@ -31,11 +31,8 @@ def test_stream_reads_each_slices_blocks(stages, splits, counts):
     got = np.asarray(stream_bound.stream(kc, vc, ids, count, *extra, block_k=block_k,
                                          stages=stages, splits=splits, interpret=True),
                      np.float32)
-    for i in range(b):
-      for h in range(hkv):
-        for split in range(splits):
-          if (split + 1) * counts[i][h] // splits > split * counts[i][h] // splits:
-            np.testing.assert_array_equal(got[i, h, split], want[i, h, split])
+    filled = stream_bound.filled_slices(count, splits)
+    np.testing.assert_array_equal(got[filled], want[filled])
 
 
 def test_pooled_keys_over_two_slots():
@@ -50,6 +47,12 @@ def test_pooled_keys_over_two_slots():
                             interpret=True)
   want = stream_bound.stream_reference(kc, kc, ids, count, block_k=block_k, splits=2)
   np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_filled_slices():
+  # 5 entries in 2 slices: 2 + 3; 1 entry: the second slice; none: neither
+  assert stream_bound.filled_slices(np.array([[5, 1, 0]]), 2).tolist() == [
+      [[True, True], [False, True], [False, False]]]
 
 
 def test_block_lists_hold_the_same_blocks():
